@@ -1,0 +1,1 @@
+"""Few-shot supervised learning: the sanity-check task family (sinusoid regression, Omniglot)."""
