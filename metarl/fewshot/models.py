@@ -1,0 +1,53 @@
+"""Few-shot models of the MAML paper: the sinusoid MLP and the 4-block Omniglot conv net."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Fully connected ReLU network, e.g. 1 -> 40 -> 40 -> 1 for sinusoid regression."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int) -> None:
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, out_features))
+        super().__init__(*layers)
+
+
+class ConvNet(nn.Module):
+    """Four blocks of (3x3 conv, 64 filters, batch norm, ReLU, 2x2 max-pool) and a linear head.
+
+    Batch norm always normalises with the statistics of the batch it is given (no running
+    statistics), as in MAML: a task's support set during adaptation, its query set when scored.
+    This also keeps the model a pure function of its parameters, so it runs under ``vmap``.
+    Input ``[B, C, 28, 28]`` -> logits ``[B, n_way]``.
+    """
+
+    def __init__(self, *, n_way: int, in_channels: int = 1, filters: int = 64, blocks: int = 4,
+                 image_size: int = 28) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for _ in range(blocks):
+            layers += [
+                nn.Conv2d(channels, filters, kernel_size=3, padding=1),
+                nn.BatchNorm2d(filters, track_running_stats=False),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            channels, size = filters, size // 2
+        if size < 1:
+            raise ValueError(f"image_size {image_size} is too small for {blocks} pooling blocks")
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(filters * size * size, n_way)
+        self.n_way = n_way
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
