@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from metarl.fewshot.batch import FewShotBatch
+
 __all__ = [
     "EXPECTED_SOURCES",
     "RESAMPLE",
@@ -501,34 +503,6 @@ class Omniglot:
 # --------------------------------------------------------------------------------------------
 # Task sampling
 # --------------------------------------------------------------------------------------------
-
-
-try:  # one class shared by every few-shot task family (sinusoid regression builds it too)
-    from metarl.fewshot.batch import FewShotBatch
-except ImportError:  # pragma: no cover - standalone fallback with the same fields
-
-    class FewShotBatch(NamedTuple):  # type: ignore[no-redef]
-        """A batch of T few-shot tasks.
-
-        For classification (:class:`FewShotSampler`):
-
-        * ``support_x``: float32 ``[T, n_way * k_shot, 1, S, S]``
-        * ``support_y``: int64 ``[T, n_way * k_shot]``, labels 0..n_way-1
-        * ``query_x``: float32 ``[T, n_way * k_query, 1, S, S]``
-        * ``query_y``: int64 ``[T, n_way * k_query]``
-
-        Examples are grouped by label (label 0 first). Other task families (e.g. regression)
-        use the same fields with their own shapes and float targets.
-        """
-
-        support_x: torch.Tensor
-        support_y: torch.Tensor
-        query_x: torch.Tensor
-        query_y: torch.Tensor
-
-        def to(self, device: torch.device | str) -> FewShotBatch:
-            """The batch with every tensor moved to ``device``."""
-            return FewShotBatch(*(t.to(device, non_blocking=True) for t in self))
 
 
 def _check_count(name: str, value: Any) -> int:
