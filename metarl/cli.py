@@ -1,0 +1,171 @@
+"""The ``metarl`` command: ``metarl train | evaluate``.
+
+Every user mistake (config, run directory, checkpoint, data directory) prints one line
+``metarl: error: ...`` and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from metarl.config import ConfigError, apply_overrides, dump_config, from_dict, load_config, to_dict
+
+EXIT_USAGE = 2
+
+
+def _config_class():
+    """The config class of an experiment (the few-shot families for now)."""
+    from metarl.fewshot.config import FewShotConfig
+
+    return FewShotConfig
+
+
+def _load(path: Path, overrides: list[str]):
+    return load_config(_config_class(), path, overrides)
+
+
+def _default_run_dir(cfg) -> Path:
+    return Path("runs") / f"{cfg.family}-{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _diff(a[k], b[k], key + ".")
+        elif a.get(k) != b.get(k):
+            keys.append(key)
+    return keys
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from metarl.fewshot.experiment import FewShotExperiment
+    from metarl.run import CHECKPOINT, CONFIG, RunError, load_checkpoint
+
+    config_path, overrides = None, []
+    for item in args.args:
+        if "=" in item or config_path is not None:
+            overrides.append(item)
+        else:
+            config_path = Path(item)
+
+    if args.resume:
+        if args.run_dir is None:
+            raise RunError("--resume needs --run-dir DIR: the run to continue")
+        run_dir = Path(args.run_dir)
+        saved_path = run_dir / CONFIG
+        if not saved_path.is_file():
+            raise RunError(f"--resume: {run_dir} holds no {CONFIG}; it is not a metarl run directory")
+        saved = _load(saved_path, [])
+        cfg = _load(config_path, overrides) if config_path else \
+            from_dict(type(saved), apply_overrides(to_dict(saved), overrides))
+        changed = [k for k in _diff(to_dict(saved), to_dict(cfg)) if k not in ("num_iterations", "threads")]
+        if changed:
+            raise ConfigError(f"--resume: the config differs from the run's {CONFIG} in {', '.join(changed)}; "
+                              "only num_iterations and threads may change when resuming")
+        exp = FewShotExperiment(cfg)
+        start = 0
+        if (run_dir / CHECKPOINT).exists():
+            start = exp.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, map_location=exp.device))
+            print(f"resuming {run_dir} from iteration {start}", file=sys.stderr)
+        else:
+            print(f"{run_dir} has no checkpoint yet; starting from iteration 0", file=sys.stderr)
+    else:
+        if config_path is None:
+            raise ConfigError("train needs a CONFIG.yaml (e.g. experiments/sinusoid/maml.yaml), or --resume --run-dir DIR")
+        cfg = _load(config_path, overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
+        if (run_dir / CHECKPOINT).exists() or (run_dir / CONFIG).exists():
+            raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        exp = FewShotExperiment(cfg)
+        start = 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / CONFIG)
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})", file=sys.stderr)
+    if start >= cfg.num_iterations:
+        print(f"nothing to do: the run already reached num_iterations={cfg.num_iterations}", file=sys.stderr)
+        return 0
+    exp.train(run_dir, start=start, progress=not args.no_progress)
+    from metarl.run import read_metrics
+
+    last = read_metrics(run_dir)[-1]
+    shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("train/", "val/"))}
+    print(f"done: {cfg.num_iterations} iterations; last {json.dumps(shown)}")
+    print(f"next: metarl evaluate {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from metarl.fewshot.experiment import restore
+    from metarl.run import CONFIG, RunError
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG}); pass the directory given by `metarl train`")
+    cfg = _load(run_dir / CONFIG, [])
+    exp, iteration = restore(cfg, run_dir)
+    steps = cfg.eval.steps if args.steps is None else args.steps
+    num_tasks = cfg.eval.num_tasks if args.num_tasks is None else args.num_tasks
+    t0 = time.perf_counter()
+    result = exp.evaluate(num_tasks=num_tasks, steps=steps, seed=args.seed)
+    result["iteration"] = iteration
+    print(f"{run_dir} at iteration {iteration}: {result['metric']} on {num_tasks} held-out tasks "
+          f"({time.perf_counter() - t0:.1f} s)")
+    print(f"{'step':>5}  {'mean':>9}  {'ci95':>8}")
+    for s, m, c in zip(result["steps"], result["mean"], result["ci95"]):
+        print(f"{s:>5}  {m:>9.4f}  {c:>8.4f}")
+    text = json.dumps(result, indent=2) + "\n"
+    (run_dir / "eval.json").write_text(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metarl", description="metarl: a meta-reinforcement-learning lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="meta-train from a YAML config",
+                           description="Meta-train from CONFIG.yaml; key=value arguments override dotted config keys "
+                                       "(e.g. num_iterations=100 inner.lr=0.4).")
+    train.add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value ...]")
+    train.add_argument("--run-dir", help="where to write the run (default: runs/FAMILY-ALGORITHM-TIMESTAMP)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a run on held-out tasks",
+                        description="Metric before and after each inner step on held-out tasks, mean and 95%% CI.")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--json", metavar="OUT", help="also write the result JSON here (always written to RUN_DIR/eval.json)")
+    ev.add_argument("--num-tasks", type=int, help="held-out tasks (default: eval.num_tasks of the run, 600)")
+    ev.add_argument("--steps", type=int, help="inner steps (default: eval.steps of the run)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the held-out task draw (default 0)")
+    ev.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metarl.fewshot.omniglot import OmniglotDataNotFound
+    from metarl.run import RunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, RunError, OmniglotDataNotFound) as exc:
+        print(f"metarl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("metarl: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The typed config of a few-shot experiment (``experiments/sinusoid/*.yaml``, ``experiments/omniglot/*.yaml``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from metarl.config import field_error, option
+
+
+@dataclass
+class InnerConfig:
+    steps: int = option(1, ge=0, doc="Inner-loop gradient steps per task during meta-training.")
+    lr: float | list[float] = option(0.01, gt=0, doc="Inner learning rate: one value, or one per step (the last repeats).")
+
+
+@dataclass
+class OuterConfig:
+    lr: float = option(1e-3, gt=0, doc="Adam learning rate of the meta-update (maml, fomaml, pretrain).")
+    epsilon_start: float = option(1.0, gt=0, le=1, doc="Reptile: outer step size at iteration 0.")
+    epsilon_end: float = option(0.0, ge=0, le=1, doc="Reptile: outer step size at the last iteration (linear anneal).")
+
+
+@dataclass
+class DataConfig:
+    k_shot: int = option(10, ge=1, doc="Support examples per class (per task for regression) in meta-training.")
+    k_query: int = option(10, ge=1, doc="Query examples per class (per task for regression) in meta-training.")
+
+
+@dataclass
+class SinusoidConfig:
+    amplitude: tuple[float, float] = option((0.1, 5.0), gt=0, doc="Amplitude range [low, high], drawn uniformly.")
+    phase: tuple[float, float] = option((0.0, math.pi), doc="Phase range [low, high], drawn uniformly.")
+    x_range: tuple[float, float] = option((-5.0, 5.0), doc="Input range [low, high], drawn uniformly.")
+    hidden: list[int] = option(default_factory=lambda: [40, 40], ge=1, doc="Hidden widths of the ReLU MLP.")
+
+    def validate(self, prefix: str = "") -> None:
+        for name in ("amplitude", "phase", "x_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise field_error(prefix, name, f"must be [low, high] with low <= high, got {[lo, hi]}")
+
+
+@dataclass
+class OmniglotConfig:
+    root: str = option("../shared/data/omniglot", doc="Data directory with the Omniglot zips or extracted folders.")
+    n_way: int = option(5, ge=2, doc="Classes per task.")
+    image_size: int = option(28, ge=8, doc="Images are resized to image_size x image_size.")
+    rotations: bool = option(True, doc="Count rotations by 90, 180, 270 degrees as new classes.")
+    num_val_characters: int = option(30, ge=1, doc="Characters held out for meta-validation.")
+    num_test_characters: int = option(50, ge=1, doc="Characters held out for the final evaluation.")
+    split_seed: int = option(0, ge=0, doc="Seed of the fixed character split (independent of the run seed).")
+    filters: int = option(64, ge=1, doc="Filters of each of the 4 conv blocks.")
+
+
+@dataclass
+class EvalConfig:
+    steps: int = option(10, ge=0, doc="Inner steps evaluated: the metric is reported after 0..steps steps.")
+    lr: float | list[float] | None = option(None, gt=0, doc="Inner learning rate at evaluation (null: inner.lr).")
+    k_shot: int | None = option(None, ge=1, doc="Support examples at evaluation (null: data.k_shot).")
+    k_query: int | None = option(None, ge=1, doc="Query examples at evaluation (null: data.k_query).")
+    num_tasks: int = option(600, ge=1, doc="Held-out tasks of `metarl evaluate`.")
+    every: int = option(500, ge=0, doc="Meta-validate every this many iterations (0: never).")
+    val_tasks: int = option(100, ge=1, doc="Tasks of each meta-validation.")
+    chunk: int = option(50, ge=1, doc="Tasks evaluated at once (bounds memory).")
+
+
+@dataclass
+class FewShotConfig:
+    family: Literal["sinusoid", "omniglot"] = option(doc="Task family.")
+    algorithm: Literal["maml", "fomaml", "reptile", "pretrain"] = option(doc="Meta-learner; pretrain is the multi-task baseline.")
+    num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
+    seed: int = option(0, ge=0, doc="Run seed: model init, task sampling of every iteration.")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", doc="Where the learner runs; auto takes cuda when available.")
+    threads: int = option(0, ge=0, doc="torch CPU threads (0: torch's default).")
+    meta_batch_size: int = option(25, ge=1, doc="Tasks per meta-update.")
+    batched: bool = option(True, doc="Inner loop of all tasks at once under torch.func.vmap (else a per-task loop).")
+    checkpoint_every: int = option(500, ge=1, doc="Write a checkpoint every this many iterations (and at the end).")
+    inner: InnerConfig = option(default_factory=InnerConfig, doc="Inner loop (adaptation).")
+    outer: OuterConfig = option(default_factory=OuterConfig, doc="Outer loop (meta-update).")
+    data: DataConfig = option(default_factory=DataConfig, doc="Task shape in meta-training.")
+    eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
+    sinusoid: SinusoidConfig = option(default_factory=SinusoidConfig, doc="Sinusoid regression family.")
+    omniglot: OmniglotConfig = option(default_factory=OmniglotConfig, doc="Omniglot classification family.")
+
+    def validate(self, prefix: str = "") -> None:
+        if self.algorithm == "reptile" and self.inner.steps < 1:
+            raise field_error(prefix, "inner.steps", "reptile needs at least 1 inner step")
+        if self.algorithm in ("maml", "fomaml") and self.inner.steps < 1:
+            raise field_error(prefix, "inner.steps", f"{self.algorithm} needs at least 1 inner step")
+
+    @property
+    def eval_lr(self) -> float | list[float]:
+        return self.inner.lr if self.eval.lr is None else self.eval.lr
+
+    @property
+    def eval_k_shot(self) -> int:
+        return self.data.k_shot if self.eval.k_shot is None else self.eval.k_shot
+
+    @property
+    def eval_k_query(self) -> int:
+        return self.data.k_query if self.eval.k_query is None else self.eval.k_query

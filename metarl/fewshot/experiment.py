@@ -1,0 +1,176 @@
+"""A few-shot experiment: build the task family and meta-learner from a config, train, evaluate.
+
+Seeding: the model is initialised from ``seed``; the tasks of iteration ``i`` are drawn from
+``numpy.random.default_rng([seed, TRAIN, i])``, the meta-validation tasks from
+``default_rng([seed, VAL])`` (the same set at every validation) and the evaluation tasks from
+``default_rng([eval_seed, TEST])``. Nothing else is random, so a run resumed from a
+checkpoint reaches exactly the result of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from metarl.fewshot.batch import FewShotBatch
+from metarl.fewshot.config import FewShotConfig
+from metarl.fewshot.models import MLP, ConvNet
+from metarl.fewshot.objective import FewShotObjective
+from metarl.fewshot.omniglot import FewShotSampler, Omniglot
+from metarl.fewshot.sinusoid import SinusoidTasks
+from metarl.functional import inner_lrs
+from metarl.metalearners import FOMAML, MAML, MetaLearner, Pretrain, Reptile
+from metarl.run import MetricsLogger, RunError, load_checkpoint, resolve_device, save_checkpoint
+
+TRAIN, VAL, TEST = 0, 1, 2
+
+
+def build_model(cfg: FewShotConfig) -> nn.Module:
+    if cfg.family == "sinusoid":
+        return MLP(1, cfg.sinusoid.hidden, 1)
+    o = cfg.omniglot
+    return ConvNet(n_way=o.n_way, filters=o.filters, image_size=o.image_size)
+
+
+class TaskSource:
+    """Samplers of the train / val / test tasks of a config (the test shape is the eval shape)."""
+
+    def __init__(self, cfg: FewShotConfig) -> None:
+        self.kind = "regression" if cfg.family == "sinusoid" else "classification"
+        shapes = {"train": (cfg.data.k_shot, cfg.data.k_query), "eval": (cfg.eval_k_shot, cfg.eval_k_query)}
+        if cfg.family == "sinusoid":
+            s = cfg.sinusoid
+            make = lambda k, q, _split: SinusoidTasks(k_shot=k, k_query=q, amplitude=s.amplitude, phase=s.phase, x_range=s.x_range)  # noqa: E731
+            self.train = make(*shapes["train"], None)
+            self.val = make(*shapes["eval"], None)
+            self.test = self.val
+            return
+        o = cfg.omniglot
+        data = Omniglot.load(o.root, image_size=o.image_size)
+        try:
+            splits = data.split(num_val=o.num_val_characters, num_test=o.num_test_characters, seed=o.split_seed)
+        except ValueError as exc:
+            raise RunError(f"omniglot.num_val_characters / num_test_characters: {exc}") from None
+        make = lambda k, q, images: FewShotSampler(images, n_way=o.n_way, k_shot=k, k_query=q, rotations=o.rotations)  # noqa: E731
+        try:
+            self.train = make(*shapes["train"], splits.train)
+            self.val = make(*shapes["eval"], splits.val)
+            self.test = make(*shapes["eval"], splits.test)
+        except ValueError as exc:
+            raise RunError(f"omniglot task shape does not fit the data: {exc}") from None
+
+
+def build_learner(cfg: FewShotConfig, model: nn.Module, objective: FewShotObjective) -> MetaLearner:
+    lrs = inner_lrs(cfg.inner.lr, cfg.inner.steps)
+    common = dict(inner_lrs=lrs, batched=cfg.batched)
+    if cfg.algorithm == "maml":
+        return MAML(model, objective, outer_lr=cfg.outer.lr, **common)
+    if cfg.algorithm == "fomaml":
+        return FOMAML(model, objective, outer_lr=cfg.outer.lr, **common)
+    if cfg.algorithm == "pretrain":
+        return Pretrain(model, objective, outer_lr=cfg.outer.lr, **common)
+    return Reptile(model, objective, epsilon_start=cfg.outer.epsilon_start, epsilon_end=cfg.outer.epsilon_end,
+                   num_iterations=cfg.num_iterations, **common)
+
+
+class FewShotExperiment:
+    """Everything a run needs, built from its config: tasks, model, objective, learner."""
+
+    def __init__(self, cfg: FewShotConfig) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.tasks = TaskSource(cfg)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(self.device)
+        self.objective = FewShotObjective(self.model, kind=self.tasks.kind)
+        self.learner = build_learner(cfg, self.model, self.objective)
+        self.metric = "mse" if self.tasks.kind == "regression" else "accuracy"
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self, iteration: int) -> dict[str, Any]:
+        return {"iteration": iteration, "model": self.model.state_dict(), "learner": self.learner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        self.model.load_state_dict(state["model"])
+        self.learner.load_state_dict(state.get("learner", {}))
+        return int(state["iteration"])
+
+    # -- tasks -------------------------------------------------------------------------------
+    def sample(self, split: str, num_tasks: int, rng: np.random.Generator) -> FewShotBatch:
+        sampler = getattr(self.tasks, split)
+        return sampler.sample(num_tasks, rng).to(self.device)
+
+    # -- evaluation --------------------------------------------------------------------------
+    def curve(self, split: str, num_tasks: int, rng: np.random.Generator, steps: int) -> np.ndarray:
+        """Per-task metric after 0..steps inner steps: ``[num_tasks, steps + 1]`` (MSE or accuracy)."""
+        lrs = inner_lrs(self.cfg.eval_lr, steps)
+        key = "loss" if self.metric == "mse" else "accuracy"
+        rows = []
+        for start in range(0, num_tasks, self.cfg.eval.chunk):
+            batch = self.sample(split, min(self.cfg.eval.chunk, num_tasks - start), rng)
+            rows.append(self.learner.adaptation_curve(batch, lrs)[key].cpu().numpy())
+        return np.concatenate(rows)
+
+    def validate(self) -> dict[str, float]:
+        rng = np.random.default_rng([self.cfg.seed, VAL])
+        values = self.curve("val", self.cfg.eval.val_tasks, rng, self.cfg.eval.steps).mean(0)
+        return {f"val/{self.metric}_pre_adapt": float(values[0]), f"val/{self.metric}_post_adapt": float(values[-1])}
+
+    # -- training ----------------------------------------------------------------------------
+    def train(self, run_dir: Path, *, start: int = 0, progress: bool = True) -> None:
+        cfg = self.cfg
+        logger = MetricsLogger(run_dir, start=start)
+        bar = tqdm(total=cfg.num_iterations, initial=start, disable=not progress, desc=f"{cfg.family}/{cfg.algorithm}", unit="it")
+        try:
+            for it in range(start, cfg.num_iterations):
+                t0 = time.perf_counter()
+                tasks = self.sample("train", cfg.meta_batch_size, np.random.default_rng([cfg.seed, TRAIN, it]))
+                t1 = time.perf_counter()
+                metrics = self.learner.step(tasks, it)
+                t2 = time.perf_counter()
+                row: dict[str, Any] = {"iteration": it}
+                row.update({f"train/{k}": v for k, v in metrics.items()})
+                if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or it + 1 == cfg.num_iterations):
+                    row.update(self.validate())
+                if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.num_iterations:
+                    save_checkpoint(self.state_dict(it + 1), run_dir / "checkpoint.pt")
+                row.update({"time/sampling": t1 - t0, "time/meta_update": t2 - t1, "time/iteration": time.perf_counter() - t0})
+                logger.log(row)
+                bar.update(1)
+                post = row.get(f"train/loss_post_adapt", math.nan)
+                bar.set_postfix_str(f"loss_post {post:.3f}", refresh=False)
+        finally:
+            bar.close()
+            logger.close()
+
+    def evaluate(self, *, num_tasks: int, steps: int, seed: int) -> dict[str, Any]:
+        """Metric after 0..steps inner steps on ``num_tasks`` held-out tasks, mean and 95% CI."""
+        values = self.curve("test", num_tasks, np.random.default_rng([seed, TEST]), steps)
+        mean = values.mean(0)
+        ci95 = 1.96 * values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
+        return {
+            "metric": self.metric,
+            "steps": list(range(steps + 1)),
+            "mean": [float(x) for x in mean],
+            "ci95": [float(x) for x in ci95],
+            "num_tasks": int(len(values)),
+        }
+
+
+def restore(cfg: FewShotConfig, run_dir: Path) -> tuple[FewShotExperiment, int]:
+    """An experiment with the latest checkpoint of ``run_dir`` loaded, and its iteration."""
+    exp = FewShotExperiment(cfg)
+    state = load_checkpoint(run_dir / "checkpoint.pt", map_location=exp.device)
+    try:
+        return exp, exp.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise RunError(f"checkpoint {run_dir / 'checkpoint.pt'} does not match the run's config.yaml: {exc}") from None

@@ -1,0 +1,108 @@
+"""Run directories: resolved config, atomic checkpoints, ``metrics.jsonl`` and TensorBoard.
+
+A run directory holds::
+
+    config.yaml          the resolved config (every key, defaults filled in)
+    checkpoint.pt        the latest checkpoint, replaced atomically
+    metrics.jsonl        one JSON object per meta-iteration, same keys as the TensorBoard tags
+    events.out.tfevents.*  TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+
+
+class RunError(RuntimeError):
+    """A run directory or checkpoint that cannot be used; the message says why and what to do."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device: 'cuda' was asked for but torch sees no CUDA device; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` with ``torch.save`` to a temp file beside ``path``, then rename it over.
+
+    A process killed at any moment leaves either the previous checkpoint or the new one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}: the run has not written one yet (train it first)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise RunError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it is not a metarl checkpoint or is damaged") from None
+    if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
+        raise RunError(f"checkpoint {path} is not a metarl checkpoint (expected keys 'iteration' and 'model')")
+    return state
+
+
+class MetricsLogger:
+    """Writes each iteration's metrics to ``metrics.jsonl`` and to TensorBoard with the same keys.
+
+    On resume from iteration ``start``, rows at or after ``start`` are dropped from
+    ``metrics.jsonl`` and TensorBoard events from ``start`` on are purged, so a resumed run's
+    logs read as if it had never stopped.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, start: int = 0) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = Path(run_dir) / METRICS
+        if start == 0:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] < start]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start if start else None)
+
+    def log(self, row: dict[str, Any]) -> None:
+        step = int(row["iteration"])
+        for key, value in row.items():
+            if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        self.writer.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
