@@ -110,20 +110,28 @@ class FewShotExperiment:
         return sampler.sample(num_tasks, rng).to(self.device)
 
     # -- evaluation --------------------------------------------------------------------------
-    def curve(self, split: str, num_tasks: int, rng: np.random.Generator, steps: int) -> np.ndarray:
-        """Per-task metric after 0..steps inner steps: ``[num_tasks, steps + 1]`` (MSE or accuracy)."""
+    def curves(self, split: str, num_tasks: int, rng: np.random.Generator, steps: int) -> dict[str, np.ndarray]:
+        """Per-task query metrics after 0..steps inner steps: ``{name: [num_tasks, steps + 1]}``.
+
+        Names: ``mse`` for regression; ``loss`` (cross-entropy) and ``accuracy`` for classification.
+        """
         lrs = inner_lrs(self.cfg.eval_lr, steps)
-        key = "loss" if self.metric == "mse" else "accuracy"
-        rows = []
+        rows: dict[str, list[np.ndarray]] = {}
         for start in range(0, num_tasks, self.cfg.eval.chunk):
             batch = self.sample(split, min(self.cfg.eval.chunk, num_tasks - start), rng)
-            rows.append(self.learner.adaptation_curve(batch, lrs)[key].cpu().numpy())
-        return np.concatenate(rows)
+            for key, value in self.learner.adaptation_curve(batch, lrs).items():
+                name = "mse" if self.metric == "mse" and key == "loss" else key
+                rows.setdefault(name, []).append(value.cpu().numpy())
+        return {name: np.concatenate(parts) for name, parts in rows.items()}
 
     def validate(self) -> dict[str, float]:
         rng = np.random.default_rng([self.cfg.seed, VAL])
-        values = self.curve("val", self.cfg.eval.val_tasks, rng, self.cfg.eval.steps).mean(0)
-        return {f"val/{self.metric}_pre_adapt": float(values[0]), f"val/{self.metric}_post_adapt": float(values[-1])}
+        out = {}
+        for name, values in self.curves("val", self.cfg.eval.val_tasks, rng, self.cfg.eval.steps).items():
+            mean = values.mean(0)
+            out[f"val/{name}_pre_adapt"] = float(mean[0])
+            out[f"val/{name}_post_adapt"] = float(mean[-1])
+        return out
 
     # -- training ----------------------------------------------------------------------------
     def train(self, run_dir: Path, *, start: int = 0, progress: bool = True) -> None:
@@ -146,7 +154,7 @@ class FewShotExperiment:
                 row.update({"time/sampling": t1 - t0, "time/meta_update": t2 - t1, "time/iteration": time.perf_counter() - t0})
                 logger.log(row)
                 bar.update(1)
-                post = row.get(f"train/loss_post_adapt", math.nan)
+                post = row.get("train/loss_post_adapt", math.nan)
                 bar.set_postfix_str(f"loss_post {post:.3f}", refresh=False)
         finally:
             bar.close()
@@ -154,7 +162,7 @@ class FewShotExperiment:
 
     def evaluate(self, *, num_tasks: int, steps: int, seed: int) -> dict[str, Any]:
         """Metric after 0..steps inner steps on ``num_tasks`` held-out tasks, mean and 95% CI."""
-        values = self.curve("test", num_tasks, np.random.default_rng([seed, TEST]), steps)
+        values = self.curves("test", num_tasks, np.random.default_rng([seed, TEST]), steps)[self.metric]
         mean = values.mean(0)
         ci95 = 1.96 * values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
         return {
