@@ -156,7 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     from metarl.fewshot.omniglot import OmniglotDataNotFound
     from metarl.run import RunError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`train cfg.yaml --no-progress seed=3`)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or args.command != "train"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.args = list(args.args) + extra
     try:
         return args.func(args)
     except (ConfigError, RunError, OmniglotDataNotFound) as exc:
