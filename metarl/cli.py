@@ -26,7 +26,10 @@ def _config_class():
 
 
 def _load(path: Path, overrides: list[str]):
-    return load_config(_config_class(), path, overrides)
+    """Load a config; a relative data directory is made absolute so the run dir works from anywhere."""
+    cfg = load_config(_config_class(), path, overrides)
+    cfg.omniglot.root = str(Path(cfg.omniglot.root).expanduser().resolve())
+    return cfg
 
 
 def _default_run_dir(cfg) -> Path:
@@ -46,7 +49,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from metarl.fewshot.experiment import FewShotExperiment
-    from metarl.run import CHECKPOINT, CONFIG, RunError, load_checkpoint
+    from metarl.run import CHECKPOINT, CONFIG, RunError
 
     config_path, overrides = None, []
     for item in args.args:
@@ -72,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         exp = FewShotExperiment(cfg)
         start = 0
         if (run_dir / CHECKPOINT).exists():
-            start = exp.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, map_location=exp.device))
+            start = exp.load_checkpoint(run_dir / CHECKPOINT)
             print(f"resuming {run_dir} from iteration {start}", file=sys.stderr)
         else:
             print(f"{run_dir} has no checkpoint yet; starting from iteration 0", file=sys.stderr)
@@ -108,6 +111,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG).is_file():
         raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG}); pass the directory given by `metarl train`")
+    if args.num_tasks is not None and args.num_tasks < 1:
+        raise ConfigError(f"--num-tasks must be >= 1, got {args.num_tasks}")
+    if args.steps is not None and args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     cfg = _load(run_dir / CONFIG, [])
     exp, iteration = restore(cfg, run_dir)
     steps = cfg.eval.steps if args.steps is None else args.steps

@@ -61,7 +61,6 @@ import inspect
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -69,6 +68,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from metarl.atomic import atomic_open
 
 __all__ = [
     "MISSING",
@@ -677,22 +678,8 @@ def dump_config(obj: Any, path: str | os.PathLike[str]) -> None:
     moved over ``path`` with ``os.replace``; parent directories are created.
     """
     text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
-    path = Path(path)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
 
 
 # --------------------------------------------------------------------------

@@ -67,6 +67,7 @@ def adapt(
     Works unbatched, inside ``torch.func.vmap``, and under ``torch.no_grad`` (the inner
     gradients are still taken; only the outer graph is skipped).
     """
+    params = dict(params)  # a new dict even for zero steps
     for step, lr in enumerate(lrs):
         grads = grad(loss)(params, step)
         if first_order:

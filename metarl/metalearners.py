@@ -141,6 +141,10 @@ class MAML(MetaLearner):
         batched: bool = True,
     ) -> None:
         super().__init__(model, objective, inner_lrs=inner_lrs, first_order=first_order, batched=batched)
+        if batched and not first_order and self.inner_lrs and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError(
+                "second-order MAML with batched=True through torch's batch norm gives wrong meta-gradients "
+                "(a PyTorch vmap bug); use batched=False, or a vmap-safe norm (ConvNet(vmap_safe_norm=True))")
         self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
 
     def meta_loss(self, params: Params, tasks: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from metarl.atomic import atomic_open
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
@@ -42,17 +43,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
     A process killed at any moment leaves either the previous checkpoint or the new one.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -62,8 +54,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         raise RunError(f"no checkpoint at {path}: the run has not written one yet (train it first)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt or foreign file
-        raise RunError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it is not a metarl checkpoint or is damaged") from None
+    except Exception as exc:  # corrupt or foreign file; torch's own text spans lines and suggests unsafe loading
+        raise RunError(f"checkpoint {path} cannot be read ({type(exc).__name__}): it is damaged or not a metarl checkpoint; "
+                       "delete it to restart the run, or restore a good copy") from None
     if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
         raise RunError(f"checkpoint {path} is not a metarl checkpoint (expected keys 'iteration' and 'model')")
     return state

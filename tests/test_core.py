@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarl.fewshot.batch import FewShotBatch
-from metarl.fewshot.models import MLP, ConvNet
+from metarl.fewshot.models import MLP, BatchStatNorm2d, ConvNet
 from metarl.fewshot.objective import FewShotObjective
 from metarl.fewshot.sinusoid import SinusoidTasks
 from metarl.functional import adapt, inner_lrs, params_of
@@ -313,7 +313,7 @@ def _family(family, dtype=torch.float64):
 
     def make_model():
         torch.manual_seed(0)
-        return ConvNet(n_way=3, filters=4, image_size=8, blocks=2).to(dtype)
+        return ConvNet(n_way=3, filters=4, image_size=8, blocks=2, vmap_safe_norm=True).to(dtype)
     return make_model, classification_batch(3, seed=3, dtype=dtype), "classification", [0.4, 0.2]
 
 
@@ -321,8 +321,7 @@ def _family(family, dtype=torch.float64):
 def test_batched_and_loop_agree(family):
     """Meta-loss, per-task metrics, first-order gradients and adaptation curves agree exactly.
 
-    Second-order gradients are compared below: they agree for the MLP, and for the ConvNet they
-    do NOT under vmap (see test_BUG_batched_second_order_meta_gradient_through_batch_norm).
+    Second-order gradients are compared below (the ConvNet here uses the vmap-safe norm).
     """
     make_model, tasks, kind, lrs = _family(family)
     (m_v, l_v), (m_l, l_l) = _learner_pair(make_model, kind, lrs)
@@ -382,20 +381,40 @@ def test_convnet_second_order_loop_matches_finite_differences():
 
 
 BUG_VMAP_BN = (
-    "KNOWN BUG (PyTorch 2.13 torch.func, surfaces in metarl): second-order gradients through "
-    "training-mode batch norm are wrong under vmap when the inner gradient is taken w.r.t. the "
-    "batch-norm weight, so MAML(batched=True) with ConvNet gets a wrong meta-gradient "
-    "(batched=False is right). Remove this marker once it passes."
+    "KNOWN BUG (PyTorch 2.13 torch.func): second-order gradients through the native batch-norm "
+    "kernel are wrong under vmap when the inner gradient is taken w.r.t. the batch-norm weight. "
+    "metarl avoids it (ConvNet(vmap_safe_norm=True) when batched, and MAML refuses the bad "
+    "combination). Remove this marker once it passes."
 )
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_VMAP_BN)
-def test_BUG_batched_second_order_meta_gradient_through_batch_norm():
+def test_batched_second_order_meta_gradient_through_vmap_safe_norm():
+    """With BatchStatNorm2d the batched second-order meta-gradient equals the loop's (== finite differences)."""
     make_model, tasks, kind, lrs = _family("classification")
     (m_v, l_v), (m_l, l_l) = _learner_pair(make_model, kind, lrs[:1])
     g_v = flat_grad(l_v.meta_loss(params_of(m_v), tasks)[0], m_v)
-    g_l = flat_grad(l_l.meta_loss(params_of(m_l), tasks)[0], m_l)  # == finite differences (test above)
+    g_l = flat_grad(l_l.meta_loss(params_of(m_l), tasks)[0], m_l)
     torch.testing.assert_close(g_v, g_l, rtol=1e-10, atol=1e-12)
+
+
+def test_maml_refuses_batched_second_order_through_native_batch_norm():
+    model = ConvNet(n_way=3, filters=4, image_size=8, blocks=2)
+    objective = FewShotObjective(model, kind="classification")
+    with pytest.raises(ValueError, match="wrong meta-gradients.*batched=False.*vmap_safe_norm=True"):
+        MAML(model, objective, inner_lrs=[0.4], outer_lr=1e-3, batched=True)
+    MAML(model, objective, inner_lrs=[0.4], outer_lr=1e-3, batched=False)  # the loop is right
+    FOMAML(model, objective, inner_lrs=[0.4], outer_lr=1e-3, batched=True)  # first order is right
+
+
+def test_vmap_safe_norm_is_batch_norm():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 4, 4, dtype=torch.float64)
+    native = torch.nn.BatchNorm2d(5, track_running_stats=False).double()
+    safe = BatchStatNorm2d(5).double()
+    with torch.no_grad():
+        native.weight.uniform_(); native.bias.uniform_()
+        safe.weight.copy_(native.weight); safe.bias.copy_(native.bias)
+    torch.testing.assert_close(safe(x), native(x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.xfail(strict=True, reason=BUG_VMAP_BN)

@@ -5,9 +5,11 @@
    Paper (Finn et al. 2017): MAML 0.67 / 0.35; goal here: 0.8 / 0.45 or better.
 2. Times meta-iterations of the same MAML update with the inner loop batched across tasks
    (``torch.func.vmap``) and with the per-task loop, interleaved in one process, for the sinusoid
-   MLP (25 tasks) and the Omniglot conv net (8 tasks of 5-way 1-shot, random images).
+   MLP (25 tasks) and the Omniglot conv net (8 tasks of 5-way 1-shot, random images; the batched
+   learner uses the vmap-safe batch norm, as ``batched: true`` configs do).
 
-Records everything with machine and date in ``experiments/results/sinusoid.json``. Usage::
+Records each part with machine and date in ``experiments/results/sinusoid.json`` (a part not
+re-run keeps its earlier record). Usage::
 
     python experiments/sinusoid/benchmark.py [--out runs/sinusoid-bench] [--skip-training]
 """
@@ -56,9 +58,9 @@ def time_batched_vs_loop(repeats: int = 5) -> dict:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     cases = {
-        "sinusoid_mlp_25_tasks": (lambda: MLP(1, [40, 40], 1), "regression",
+        "sinusoid_mlp_25_tasks": (lambda batched: MLP(1, [40, 40], 1), "regression",
                                   SinusoidTasks(k_shot=10, k_query=10).sample(25, rng), 0.01, 50),
-        "omniglot_conv_8_tasks_5w1s": (lambda: ConvNet(n_way=5), "classification",
+        "omniglot_conv_8_tasks_5w1s": (lambda batched: ConvNet(n_way=5, vmap_safe_norm=batched), "classification",
                                        FewShotBatch(torch.rand(8, 5, 1, 28, 28), torch.arange(5).repeat(8, 1),
                                                     torch.rand(8, 25, 1, 28, 28), torch.arange(5).repeat_interleave(5).repeat(8, 1)),
                                        0.4, 2),
@@ -68,7 +70,7 @@ def time_batched_vs_loop(repeats: int = 5) -> dict:
         learners = {}
         for batched in (True, False):
             torch.manual_seed(0)
-            model = make()
+            model = make(batched)
             learners[batched] = MAML(model, FewShotObjective(model, kind=kind), inner_lrs=[lr], outer_lr=1e-3, batched=batched)
             learners[batched].step(batch, 0)  # warm-up
         times = {True: [], False: []}
@@ -91,12 +93,13 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="only the speed comparison")
     parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "sinusoid.json")
     args = parser.parse_args()
-    record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d")}
-    record["batched_inner_loop"] = time_batched_vs_loop()
+    record = json.loads(args.results.read_text()) if args.results.exists() else {}
+    stamp = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
+             "date": time.strftime("%Y-%m-%d")}
+    record["batched_inner_loop"] = {**stamp, **time_batched_vs_loop()}
     if not args.skip_training:
         args.out.mkdir(parents=True, exist_ok=True)
-        record["regression"] = {name: train_and_evaluate(name, args.out) for name in ("maml", "pretrain")}
+        record["regression"] = {**stamp, **{name: train_and_evaluate(name, args.out) for name in ("maml", "pretrain")}}
         record["paper"] = {"maml": {"mse_1_step": 0.67, "mse_10_steps": 0.35}, "pretrained": {"mse_1_step": 2.41}}
         record["goal"] = {"maml": {"mse_1_step": 0.8, "mse_10_steps": 0.45}}
     args.results.parent.mkdir(parents=True, exist_ok=True)

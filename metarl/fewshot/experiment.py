@@ -27,7 +27,7 @@ from metarl.fewshot.omniglot import FewShotSampler, Omniglot
 from metarl.fewshot.sinusoid import SinusoidTasks
 from metarl.functional import inner_lrs
 from metarl.metalearners import FOMAML, MAML, MetaLearner, Pretrain, Reptile
-from metarl.run import MetricsLogger, RunError, load_checkpoint, resolve_device, save_checkpoint
+from metarl.run import CHECKPOINT, MetricsLogger, RunError, load_checkpoint, resolve_device, save_checkpoint
 
 TRAIN, VAL, TEST = 0, 1, 2
 
@@ -36,7 +36,7 @@ def build_model(cfg: FewShotConfig) -> nn.Module:
     if cfg.family == "sinusoid":
         return MLP(1, cfg.sinusoid.hidden, 1)
     o = cfg.omniglot
-    return ConvNet(n_way=o.n_way, filters=o.filters, image_size=o.image_size)
+    return ConvNet(n_way=o.n_way, filters=o.filters, image_size=o.image_size, vmap_safe_norm=cfg.batched)
 
 
 class TaskSource:
@@ -100,9 +100,20 @@ class FewShotExperiment:
         return {"iteration": iteration, "model": self.model.state_dict(), "learner": self.learner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
+        """Load a checkpoint's state; returns its iteration."""
         self.model.load_state_dict(state["model"])
         self.learner.load_state_dict(state.get("learner", {}))
         return int(state["iteration"])
+
+    def load_checkpoint(self, path: Path) -> int:
+        """Load the checkpoint at ``path``; returns its iteration. Any mismatch is a one-line RunError."""
+        state = load_checkpoint(path, map_location=self.device)
+        try:
+            return self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2]) or type(exc).__name__
+            raise RunError(f"checkpoint {path} does not fit the run's config.yaml ({detail}); "
+                           "was config.yaml edited after training?") from None
 
     # -- tasks -------------------------------------------------------------------------------
     def sample(self, split: str, num_tasks: int, rng: np.random.Generator) -> FewShotBatch:
@@ -150,7 +161,7 @@ class FewShotExperiment:
                 if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or it + 1 == cfg.num_iterations):
                     row.update(self.validate())
                 if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.num_iterations:
-                    save_checkpoint(self.state_dict(it + 1), run_dir / "checkpoint.pt")
+                    save_checkpoint(self.state_dict(it + 1), run_dir / CHECKPOINT)
                 row.update({"time/sampling": t1 - t0, "time/meta_update": t2 - t1, "time/iteration": time.perf_counter() - t0})
                 logger.log(row)
                 bar.update(1)
@@ -177,8 +188,4 @@ class FewShotExperiment:
 def restore(cfg: FewShotConfig, run_dir: Path) -> tuple[FewShotExperiment, int]:
     """An experiment with the latest checkpoint of ``run_dir`` loaded, and its iteration."""
     exp = FewShotExperiment(cfg)
-    state = load_checkpoint(run_dir / "checkpoint.pt", map_location=exp.device)
-    try:
-        return exp, exp.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise RunError(f"checkpoint {run_dir / 'checkpoint.pt'} does not match the run's config.yaml: {exc}") from None
+    return exp, exp.load_checkpoint(run_dir / CHECKPOINT)

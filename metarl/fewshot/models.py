@@ -21,27 +21,44 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+class BatchStatNorm2d(nn.Module):
+    """Batch norm that always uses the batch's statistics, written out with ``var_mean``.
+
+    The same function as ``nn.BatchNorm2d(track_running_stats=False)`` in training mode, but
+    its second-order gradients are right under ``torch.func.vmap``: PyTorch 2.13's batch-norm
+    kernel gets them wrong there (see ``tests/test_core.py``). It is slower than the native
+    kernel in a plain loop, so :class:`ConvNet` uses it only when asked.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
 class ConvNet(nn.Module):
     """Four blocks of (3x3 conv, 64 filters, batch norm, ReLU, 2x2 max-pool) and a linear head.
 
     Batch norm always normalises with the statistics of the batch it is given (no running
     statistics), as in MAML: a task's support set during adaptation, its query set when scored.
-    This also keeps the model a pure function of its parameters, so it runs under ``vmap``.
-    Input ``[B, C, 28, 28]`` -> logits ``[B, n_way]``.
+    This also keeps the model a pure function of its parameters, so it runs under ``vmap``;
+    ``vmap_safe_norm=True`` (for second-order MAML with the batched inner loop) swaps the native
+    batch-norm kernel for :class:`BatchStatNorm2d`. Input ``[B, C, 28, 28]`` -> logits ``[B, n_way]``.
     """
 
     def __init__(self, *, n_way: int, in_channels: int = 1, filters: int = 64, blocks: int = 4,
-                 image_size: int = 28) -> None:
+                 image_size: int = 28, vmap_safe_norm: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(blocks):
-            layers += [
-                nn.Conv2d(channels, filters, kernel_size=3, padding=1),
-                nn.BatchNorm2d(filters, track_running_stats=False),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
+            norm = BatchStatNorm2d(filters) if vmap_safe_norm else nn.BatchNorm2d(filters, track_running_stats=False)
+            layers += [nn.Conv2d(channels, filters, kernel_size=3, padding=1), norm, nn.ReLU(), nn.MaxPool2d(2)]
             channels, size = filters, size // 2
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for {blocks} pooling blocks")
