@@ -40,29 +40,34 @@ def build_model(cfg: FewShotConfig) -> nn.Module:
 
 
 class TaskSource:
-    """Samplers of the train / val / test tasks of a config (the test shape is the eval shape)."""
+    """Samplers of the train / val / test tasks of a config.
+
+    Training tasks have the shape ``data.k_shot`` / ``data.k_query``; validation and test tasks
+    the evaluation shape (``eval.k_shot`` / ``eval.k_query``). Sinusoid tasks are fresh draws of
+    the same distribution in every split; Omniglot splits hold out whole characters.
+    """
 
     def __init__(self, cfg: FewShotConfig) -> None:
-        self.kind = "regression" if cfg.family == "sinusoid" else "classification"
-        shapes = {"train": (cfg.data.k_shot, cfg.data.k_query), "eval": (cfg.eval_k_shot, cfg.eval_k_query)}
+        train_shape = {"k_shot": cfg.data.k_shot, "k_query": cfg.data.k_query}
+        eval_shape = {"k_shot": cfg.eval_k_shot, "k_query": cfg.eval_k_query}
         if cfg.family == "sinusoid":
+            self.kind = "regression"
             s = cfg.sinusoid
-            make = lambda k, q, _split: SinusoidTasks(k_shot=k, k_query=q, amplitude=s.amplitude, phase=s.phase, x_range=s.x_range)  # noqa: E731
-            self.train = make(*shapes["train"], None)
-            self.val = make(*shapes["eval"], None)
-            self.test = self.val
+            ranges = {"amplitude": s.amplitude, "phase": s.phase, "x_range": s.x_range}
+            self.train = SinusoidTasks(**train_shape, **ranges)
+            self.val = self.test = SinusoidTasks(**eval_shape, **ranges)
             return
+        self.kind = "classification"
         o = cfg.omniglot
         data = Omniglot.load(o.root, image_size=o.image_size)
         try:
             splits = data.split(num_val=o.num_val_characters, num_test=o.num_test_characters, seed=o.split_seed)
         except ValueError as exc:
             raise RunError(f"omniglot.num_val_characters / num_test_characters: {exc}") from None
-        make = lambda k, q, images: FewShotSampler(images, n_way=o.n_way, k_shot=k, k_query=q, rotations=o.rotations)  # noqa: E731
         try:
-            self.train = make(*shapes["train"], splits.train)
-            self.val = make(*shapes["eval"], splits.val)
-            self.test = make(*shapes["eval"], splits.test)
+            self.train = FewShotSampler(splits.train, n_way=o.n_way, rotations=o.rotations, **train_shape)
+            self.val = FewShotSampler(splits.val, n_way=o.n_way, rotations=o.rotations, **eval_shape)
+            self.test = FewShotSampler(splits.test, n_way=o.n_way, rotations=o.rotations, **eval_shape)
         except ValueError as exc:
             raise RunError(f"omniglot task shape does not fit the data: {exc}") from None
 
