@@ -1,5 +1,30 @@
 """Task-distribution environments for metarl, registered with gymnasium under ``metarl/``.
 
-Filled in by the task-distribution issue; the supervised few-shot family lives in
-``metarl.fewshot``.
+Importing ``envs`` registers every family, so ``gymnasium.make("metarl/HalfCheetahVel-v0")``
+works; ``envs.vector.make_task_vector_env`` steps a family as a batch of envs with different
+tasks. Every env implements ``sample_tasks(n)``, ``set_task(task)`` and ``get_task()``
+(``envs.base``).
 """
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+NAMESPACE = "metarl"
+
+# name -> (entry point, vector entry point or None, max_episode_steps)
+FAMILIES: dict[str, tuple[str, str | None, int]] = {
+    "Navigation2D": ("envs.navigation:Navigation2DEnv", "envs.navigation:Navigation2DVectorEnv", 100),
+}
+
+
+def register_all() -> None:
+    """Register every family as ``metarl/<Name>-v0`` (idempotent)."""
+    for name, (entry_point, vector_entry_point, horizon) in FAMILIES.items():
+        env_id = f"{NAMESPACE}/{name}-v0"
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point,
+                         max_episode_steps=horizon)
+
+
+register_all()

@@ -12,6 +12,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
 
 from envs.base import MetaEnv, TaskField, TaskSpec
 
@@ -46,8 +48,77 @@ class Navigation2DEnv(MetaEnv, gym.Env):
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float64), -MAX_ACTION, MAX_ACTION)
         self._position = self._position + action
-        distance = float(np.linalg.norm(self._position - self._goal))
+        dx, dy = self._position - self._goal
+        distance = float(np.hypot(dx, dy))
         reward = -distance
         terminated = distance < GOAL_TOLERANCE
         info = {"distance": distance, "reward_distance": reward}
         return self._position.astype(np.float32), reward, terminated, False, info
+
+
+class Navigation2DVectorEnv(MetaEnv, VectorEnv):
+    """``num_envs`` Navigation2D envs, each with its own task, stepped in one array operation.
+
+    Same dynamics, rewards, termination (within 0.01 of the goal) and truncation (at
+    ``max_episode_steps``) as ``num_envs`` :class:`Navigation2DEnv` in a ``SyncVectorEnv``, with
+    gymnasium's default next-step autoreset: the step after an episode ends resets that env
+    (its action is ignored, its reward is 0). ``set_tasks`` gives every env its task;
+    ``sample_tasks`` draws from ``self.np_random`` (seeded by ``reset(seed=...)``).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
+
+    def __init__(self, num_envs: int, *, goal_range: tuple[float, float] = (-0.5, 0.5), max_episode_steps: int = 100) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.num_envs = num_envs
+        self.max_episode_steps = max_episode_steps
+        self.task_spec = navigation_spec(goal_range)
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+        self.single_action_space = gym.spaces.Box(-MAX_ACTION, MAX_ACTION, shape=(2,), dtype=np.float32)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._positions = np.zeros((num_envs, 2))
+        self._steps = np.zeros(num_envs, dtype=np.int64)
+        self._autoreset = np.zeros(num_envs, dtype=bool)
+        self.set_tasks([{"goal": [0.0, 0.0]}] * num_envs)
+
+    def set_tasks(self, tasks: list[dict[str, Any]], *, allow_out_of_range: bool = False) -> None:
+        """One task per env (validated like ``set_task``)."""
+        if len(tasks) != self.num_envs:
+            raise ValueError(f"set_tasks needs {self.num_envs} tasks (one per env), got {len(tasks)}")
+        validated = [self.task_spec.validate(t, allow_out_of_range=allow_out_of_range) for t in tasks]
+        self._goals = np.array([t["goal"] for t in validated], dtype=np.float64)
+        self._tasks = validated
+
+    def get_tasks(self) -> list[dict[str, Any]]:
+        return [{"goal": list(t["goal"])} for t in self._tasks]
+
+    def set_task(self, task: dict[str, Any], *, allow_out_of_range: bool = False) -> None:
+        """The same task in every env."""
+        self.set_tasks([task] * self.num_envs, allow_out_of_range=allow_out_of_range)
+
+    def get_task(self) -> dict[str, Any]:
+        return self.get_tasks()[0]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._positions[:] = 0.0
+        self._steps[:] = 0
+        self._autoreset[:] = False
+        return self._positions.astype(np.float32), {"goal": self._goals.copy()}
+
+    def step(self, actions):
+        actions = np.clip(np.asarray(actions, dtype=np.float64), -MAX_ACTION, MAX_ACTION)
+        restart = self._autoreset
+        running = ~restart
+        self._positions = np.where(restart[:, None], 0.0, self._positions + actions)
+        self._steps = np.where(restart, 0, self._steps + 1)
+        delta = self._positions - self._goals
+        distance = np.hypot(delta[:, 0], delta[:, 1])  # the same arithmetic as Navigation2DEnv
+        rewards = np.where(running, -distance, 0.0)
+        terminated = running & (distance < GOAL_TOLERANCE)
+        truncated = running & (self._steps >= self.max_episode_steps)
+        self._autoreset = terminated | truncated
+        infos = {"distance": distance, "_distance": running}
+        return self._positions.astype(np.float32), rewards, terminated, truncated, infos
