@@ -13,8 +13,15 @@ import gymnasium as gym
 NAMESPACE = "metarl"
 
 # name -> (entry point, vector entry point or None, max_episode_steps)
+# MuJoCo horizons: 200 as in the MAML paper (later reproductions use 100: pass max_episode_steps).
 FAMILIES: dict[str, tuple[str, str | None, int]] = {
     "Navigation2D": ("envs.navigation:Navigation2DEnv", "envs.navigation:Navigation2DVectorEnv", 100),
+    "HalfCheetahVel": ("envs.locomotion:HalfCheetahVelEnv", None, 200),
+    "HalfCheetahDir": ("envs.locomotion:HalfCheetahDirEnv", None, 200),
+    "AntVel": ("envs.locomotion:AntVelEnv", None, 200),
+    "AntDir": ("envs.locomotion:AntDirEnv", None, 200),
+    "AntDir2D": ("envs.locomotion:AntDir2DEnv", None, 200),
+    "AntGoal": ("envs.locomotion:AntGoalEnv", None, 200),
 }
 
 
