@@ -22,6 +22,9 @@ FAMILIES: dict[str, tuple[str, str | None, int]] = {
     "AntDir": ("envs.locomotion:AntDirEnv", None, 200),
     "AntDir2D": ("envs.locomotion:AntDir2DEnv", None, 200),
     "AntGoal": ("envs.locomotion:AntGoalEnv", None, 200),
+    "HalfCheetahRandParams": ("envs.rand_params:HalfCheetahRandParamsEnv", None, 200),
+    "HopperRandParams": ("envs.rand_params:HopperRandParamsEnv", None, 200),
+    "Walker2dRandParams": ("envs.rand_params:Walker2dRandParamsEnv", None, 200),
 }
 
 
