@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metarl.atomic import atomic_open
 from metarl.config import ConfigError, apply_overrides, dump_config, from_dict, load_config, to_dict
 
 EXIT_USAGE = 2
@@ -128,10 +129,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for s, m, c in zip(result["steps"], result["mean"], result["ci95"]):
         print(f"{s:>5}  {m:>9.4f}  {c:>8.4f}")
     text = json.dumps(result, indent=2) + "\n"
-    (run_dir / "eval.json").write_text(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+    for path in [run_dir / "eval.json"] + ([Path(args.json)] if args.json else []):
+        with atomic_open(path, "w") as f:
+            f.write(text)
     return 0
 
 
