@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gymnasium as gym
 
+from envs.metaworld_tasks import METAWORLD_ENVS
+
 NAMESPACE = "metarl"
 
 # name -> (entry point, vector entry point or None, max_episode_steps)
@@ -26,6 +28,8 @@ FAMILIES: dict[str, tuple[str, str | None, int]] = {
     "HopperRandParams": ("envs.rand_params:HopperRandParamsEnv", None, 200),
     "Walker2dRandParams": ("envs.rand_params:Walker2dRandParamsEnv", None, 200),
 }
+# Meta-World ML1 / ML10 / ML45 (horizon 500, Meta-World's): metarl/MetaWorld-ML1-v0 etc.
+FAMILIES.update(METAWORLD_ENVS)
 
 
 def register_all() -> None:
