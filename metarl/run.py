@@ -66,27 +66,37 @@ class MetricsLogger:
     """Writes each iteration's metrics to ``metrics.jsonl`` and to TensorBoard with the same keys.
 
     On resume from iteration ``start``, rows at or after ``start`` are dropped from
-    ``metrics.jsonl`` and TensorBoard events from ``start`` on are purged, so a resumed run's
-    logs read as if it had never stopped.
+    ``metrics.jsonl``, and the TensorBoard event files are rebuilt from the rows kept (they hold
+    the same keys), so a resumed run's logs read as if it had never stopped. Rebuilding, rather
+    than TensorBoard's ``purge_step``, does not depend on the order in which TensorBoard reads
+    two event files written within the same second.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, start: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = Path(run_dir) / METRICS
-        if start == 0:
-            self.path.write_text("")
-        elif self.path.exists():
+        run_dir = Path(run_dir)
+        self.path = run_dir / METRICS
+        kept: list[str] = []
+        if start > 0 and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] < start]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        for old in run_dir.glob("events.out.tfevents.*"):
+            old.unlink()
+        with atomic_open(self.path, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start if start else None)
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+        for line in kept:
+            self._write_scalars(json.loads(line))
 
-    def log(self, row: dict[str, Any]) -> None:
+    def _write_scalars(self, row: dict[str, Any]) -> None:
         step = int(row["iteration"])
         for key, value in row.items():
             if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._write_scalars(row)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
