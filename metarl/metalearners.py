@@ -84,14 +84,16 @@ class MetaLearner:
 
         return adapt(support, params, lrs=lrs, first_order=self.first_order)
 
-    def _pre_post(self, params: Params, task: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Query loss after adaptation (differentiable) and metrics before/after, for one task."""
+    def _adapt_scored(self, params: Params, task: Any) -> tuple[Params, torch.Tensor, dict[str, torch.Tensor]]:
+        """One task: adapted parameters, the post-adaptation query loss (differentiable in
+        ``params`` unless under no_grad) and detached query metrics before/after adaptation."""
         with torch.no_grad():
             pre = self.objective.query_metrics({k: v.detach() for k, v in params.items()}, task)
-        post = self.objective.query_metrics(self.adapt(params, task), task)
+        phi = self.adapt(params, task)
+        post = self.objective.query_metrics(phi, task)
         metrics = {f"{k}_pre_adapt": v for k, v in pre.items()}
         metrics.update({f"{k}_post_adapt": v.detach() for k, v in post.items()})
-        return post["loss"], metrics
+        return phi, post["loss"], metrics
 
     def adaptation_curve(self, tasks: Any, lrs: Sequence[float]) -> dict[str, torch.Tensor]:
         """Query metrics after 0, 1, ..., len(lrs) inner steps: ``{name: [T, len(lrs) + 1]}``."""
@@ -152,7 +154,11 @@ class MAML(MetaLearner):
 
         Returns the loss and per-task metrics (``[T]`` tensors, detached).
         """
-        losses, metrics = map_tasks(self._pre_post, params, tasks, batched=self.batched)
+        def one(p: Params, task: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            _, loss, metrics = self._adapt_scored(p, task)
+            return loss, metrics
+
+        losses, metrics = map_tasks(one, params, tasks, batched=self.batched)
         return losses.mean(), metrics
 
     def step(self, tasks: Any, iteration: int) -> dict[str, float]:
@@ -218,11 +224,7 @@ class Reptile(MetaLearner):
         theta = {k: v.detach() for k, v in params_of(self.model).items()}
 
         def one(p: Params, task: Any) -> tuple[Params, dict[str, torch.Tensor]]:
-            pre = self.objective.query_metrics(p, task)
-            phi = self.adapt(p, task)
-            post = self.objective.query_metrics(phi, task)
-            metrics = {f"{k}_pre_adapt": v for k, v in pre.items()}
-            metrics.update({f"{k}_post_adapt": v for k, v in post.items()})
+            phi, _, metrics = self._adapt_scored(p, task)
             return phi, metrics
 
         with torch.no_grad():

@@ -22,9 +22,3 @@ class FewShotBatch(NamedTuple):
 
     def to(self, device: torch.device | str) -> FewShotBatch:
         return FewShotBatch(*(t.to(device, non_blocking=True) for t in self))
-
-    def __getitem__(self, index):  # type: ignore[override]
-        """Integer index: a field (tuple semantics); slice: a sub-batch of tasks."""
-        if isinstance(index, slice):
-            return FewShotBatch(*(t[index] for t in self))
-        return tuple.__getitem__(self, index)

@@ -31,7 +31,7 @@ from metarl.fewshot.experiment import build_model
 from metarl.fewshot.objective import FewShotObjective
 from metarl.fewshot.omniglot import preprocess_images
 from metarl.functional import Params, adapt, call, inner_lrs, params_of
-from metarl.run import CONFIG, RunError, load_checkpoint
+from metarl.run import CHECKPOINT, CONFIG, RunError, load_checkpoint
 
 
 class FewShotClassifier:
@@ -54,7 +54,7 @@ class FewShotClassifier:
         if cfg.family != "omniglot":
             raise RunError(f"{run_dir} is a {cfg.family!r} run; FewShotClassifier needs an image-classification run (family: omniglot)")
         model = build_model(cfg)
-        state = load_checkpoint(run_dir / "checkpoint.pt")
+        state = load_checkpoint(run_dir / CHECKPOINT)
         model.load_state_dict(state["model"])
         return cls(model, cfg)
 
