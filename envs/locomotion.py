@@ -43,11 +43,13 @@ Constants and the references they follow:
   by default, so the observation starts with the torso's (x, y) and the agent can know where
   it is relative to the goal (107-dim observation instead of 105).
 
-  Caveat: ProMP/PEARL's ant-goal use no survive bonus and never terminate ("make it happy,
-  not suicidal"). Here the parent's termination is kept; with goals ~3 away (L1) the
-  per-step reward is mostly negative, so ending the episode early by becoming unhealthy can
-  pay. Pass ``terminate_when_unhealthy=False`` (and/or ``healthy_reward=0``) to get the
-  ProMP/PEARL behaviour.
+  Termination: ProMP/PEARL's ant-goal never terminate ("make it happy, not suicidal"): with
+  goals ~3 away (L1) the per-step reward is mostly negative, so an env that ends the episode
+  when the torso leaves the healthy z range pays the agent for falling over. AntGoal therefore
+  defaults to ``terminate_when_unhealthy=False`` (episodes always run to the horizon; the
+  healthy bonus is still paid only while healthy). Pass ``terminate_when_unhealthy=True`` for
+  gymnasium's rule. The other Ant families keep the parent's termination (their forward terms
+  are positive when the task is solved, as in gymnasium's Ant).
 
 ``info`` holds the parent's entries (``x_position``, ``x_velocity``, and for the Ant
 ``y_position``, ``y_velocity``, ``distance_from_origin``, ``reward_ctrl``, ``reward_contact``,
@@ -312,7 +314,8 @@ class AntGoalEnv(_AntTaskEnv):
     """Ant walking to a goal position: ``-(|x - gx| + |y - gy|) + healthy - ctrl - contact``.
 
     The observation includes the torso's (x, y) (``exclude_current_positions_from_observation``
-    defaults to False here). See the module docstring for the termination caveat.
+    defaults to False here) and the episode does not end when the torso is unhealthy
+    (``terminate_when_unhealthy`` defaults to False here); see the module docstring.
     """
 
     def __init__(
@@ -321,6 +324,7 @@ class AntGoalEnv(_AntTaskEnv):
         _reject(kwargs, "forward_reward_weight", "AntGoal", "its reward is minus the L1 distance to the goal")
         low, high = _check_range("goal_range", goal_range)
         kwargs.setdefault("exclude_current_positions_from_observation", False)
+        kwargs.setdefault("terminate_when_unhealthy", False)
         spec = TaskSpec((TaskField("goal", low, high, size=2, doc="goal position (x, y)"),))
         self._init_ant(spec, task, {"goal": [(low + high) / 2] * 2}, {"goal_range": (low, high)}, kwargs)
 

@@ -87,7 +87,11 @@ class Navigation2DVectorEnv(MetaEnv, VectorEnv):
         """One task per env (validated like ``set_task``)."""
         if len(tasks) != self.num_envs:
             raise ValueError(f"set_tasks needs {self.num_envs} tasks (one per env), got {len(tasks)}")
-        validated = [self.task_spec.validate(t, allow_out_of_range=allow_out_of_range) for t in tasks]
+        checked: dict[int, dict[str, Any]] = {}  # each distinct task object is validated once
+        for t in tasks:
+            if id(t) not in checked:
+                checked[id(t)] = self.task_spec.validate(t, allow_out_of_range=allow_out_of_range)
+        validated = [checked[id(t)] for t in tasks]
         self._goals = np.array([t["goal"] for t in validated], dtype=np.float64)
         self._tasks = validated
 

@@ -26,7 +26,7 @@ PARENTS = {
     "AntVel": ("Ant-v5", {}),
     "AntDir": ("Ant-v5", {}),
     "AntDir2D": ("Ant-v5", {}),
-    "AntGoal": ("Ant-v5", {"exclude_current_positions_from_observation": False}),
+    "AntGoal": ("Ant-v5", {"exclude_current_positions_from_observation": False, "terminate_when_unhealthy": False}),
 }
 
 # Two distinct valid tasks per family.
@@ -218,6 +218,25 @@ def test_ant_keeps_parent_termination():
         assert terminated
         assert info["reward_survive"] == 0
         assert reward == pytest.approx(info["reward_velocity"] + info["reward_ctrl"] + info["reward_contact"])
+
+
+def test_ant_goal_does_not_terminate_by_default():
+    def unhealthy_step(env):
+        env.reset(seed=0)
+        ant = env.unwrapped
+        qpos = ant.init_qpos.copy()
+        qpos[2] = 1.5  # torso above the healthy z range (0.2, 1.0)
+        ant.set_state(qpos, ant.init_qvel.copy())
+        return env.step(np.zeros(env.action_space.shape, dtype=np.float32))
+
+    with make("AntGoal") as env:
+        assert env.unwrapped._terminate_when_unhealthy is False
+        _, reward, terminated, _, info = unhealthy_step(env)
+        assert not terminated
+        assert info["reward_survive"] == 0  # the healthy bonus is still paid only while healthy
+        assert reward == pytest.approx(info["reward_goal"] + info["reward_ctrl"] + info["reward_contact"])
+    with make("AntGoal", terminate_when_unhealthy=True) as env:
+        assert unhealthy_step(env)[2]
 
 
 def test_ant_goal_observes_its_position():
