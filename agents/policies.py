@@ -1,0 +1,158 @@
+"""Policies called with an explicit parameter dict, returning a ``torch.distributions`` object.
+
+- :class:`GaussianMLPPolicy`: continuous actions; an MLP gives the mean, a state-independent
+  ``log_std`` vector gives the standard deviation (``Independent(Normal)``, so ``log_prob``
+  sums over action dimensions).
+- :class:`CategoricalMLPPolicy`: discrete actions; the MLP gives the logits.
+
+``policy(obs, params)`` uses ``params`` (a dict like ``dict(policy.named_parameters())``, e.g.
+an inner-loop adapted dict) instead of the module's own parameters; ``params=None`` uses the
+module's. Parameters may carry a leading task dimension ``[N, ...]`` together with observations
+``[N, ..., obs_dim]``: each task's observations then go through that task's parameters (one
+batched matmul per layer), which is how the sampler runs per-task adapted policies in one call.
+
+The sampler draws all randomness up front (``noise(shape, generator)``) and turns it into
+actions with ``actions_from_noise(dist, noise)``, so an episode depends only on its task's
+seed, never on how tasks are grouped into batches or workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.distributions import Categorical, Distribution, Independent, Normal
+
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) as 2 sigmoid(2x) - 1: the same function (within 2e-7 in float32), about 3x faster
+    than ``torch.tanh`` on CPU, where the policy forward of every sampler step spends its time."""
+    return torch.sigmoid(x * 2).mul(2).sub(1)
+
+
+ACTIVATIONS = {"tanh": _tanh, "relu": torch.relu}
+
+
+class _MLPPolicy(nn.Module):
+    """Shared MLP trunk: ``layers.{i}`` hidden layers then ``out``."""
+
+    discrete: bool
+
+    def __init__(self, obs_dim: int, out_dim: int, *, hidden: Sequence[int], activation: str) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if obs_dim < 1 or out_dim < 1 or any(h < 1 for h in hidden):
+            raise ValueError(f"layer sizes must be >= 1, got obs_dim={obs_dim}, hidden={list(hidden)}, out={out_dim}")
+        self.obs_dim = obs_dim
+        self.hidden = tuple(int(h) for h in hidden)
+        self.activation = activation
+        sizes = (obs_dim, *self.hidden)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        self.out = nn.Linear(sizes[-1], out_dim)
+        for layer in (*self.layers, self.out):  # Xavier-uniform weights, zero biases (as the MAML-RL references)
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_parameters())
+
+    def _trunk(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        act = ACTIVATIONS[self.activation]
+        x = obs
+        for i in range(len(self.layers)):
+            x = act(_linear(x, params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]))
+        return _linear(x, params["out.weight"], params["out.bias"])
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T + b``; with task-batched ``W [N, out, in]`` and ``x [N, ..., in]``."""
+    if weight.dim() == 2:
+        return torch.nn.functional.linear(x, weight, bias)
+    n = weight.shape[0]
+    flat = x.reshape(n, -1, x.shape[-1])
+    y = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+    return y.reshape(*x.shape[:-1], weight.shape[1])
+
+
+class GaussianMLPPolicy(_MLPPolicy):
+    """Diagonal Gaussian policy, mean from an MLP, state-independent ``log_std`` (``[act_dim]``)."""
+
+    discrete = False
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        *,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        init_std: float = 1.0,
+        min_std: float = 1e-6,
+    ) -> None:
+        super().__init__(obs_dim, act_dim, hidden=hidden, activation=activation)
+        if not init_std > 0 or not min_std > 0:
+            raise ValueError(f"init_std and min_std must be > 0, got {init_std} and {min_std}")
+        self.act_dim = act_dim
+        self.min_log_std = float(torch.log(torch.tensor(min_std)))
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(torch.log(torch.tensor(init_std)))))
+
+    def forward(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Distribution:
+        params = self.params() if params is None else params
+        mean = self._trunk(obs, params)
+        log_std = params["log_std"].clamp(min=self.min_log_std)
+        if log_std.dim() == 2:  # task-batched [N, act_dim] -> broadcast over [N, ..., act_dim]
+            log_std = log_std.reshape(log_std.shape[0], *([1] * (mean.dim() - 2)), log_std.shape[1])
+        std = log_std.expand_as(mean).contiguous().exp()  # full-size: no element takes a vector-loop tail
+        return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+
+    def noise(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """Standard normal draws ``[*shape, act_dim]``."""
+        return torch.randn(*shape, self.act_dim, generator=generator)
+
+    @staticmethod
+    def actions_from_noise(dist: Distribution, noise: torch.Tensor, *, deterministic: bool = False) -> torch.Tensor:
+        return dist.mean if deterministic else dist.mean + dist.stddev * noise
+
+
+class CategoricalMLPPolicy(_MLPPolicy):
+    """Categorical policy over ``num_actions`` discrete actions, logits from an MLP."""
+
+    discrete = True
+
+    def __init__(
+        self, obs_dim: int, num_actions: int, *, hidden: Sequence[int] = (64, 64), activation: str = "tanh"
+    ) -> None:
+        super().__init__(obs_dim, num_actions, hidden=hidden, activation=activation)
+        self.num_actions = num_actions
+
+    def forward(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Distribution:
+        params = self.params() if params is None else params
+        return Categorical(logits=self._trunk(obs, params), validate_args=False)
+
+    def noise(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """Uniform draws in [0, 1) ``[*shape]`` (inverse-CDF sampling)."""
+        return torch.rand(*shape, generator=generator)
+
+    @staticmethod
+    def actions_from_noise(dist: Distribution, noise: torch.Tensor, *, deterministic: bool = False) -> torch.Tensor:
+        if deterministic:
+            return dist.probs.argmax(-1)
+        cdf = dist.probs.cumsum(-1)
+        index = torch.searchsorted(cdf, noise.unsqueeze(-1).to(cdf.dtype)).squeeze(-1)
+        return index.clamp(max=cdf.shape[-1] - 1)
+
+
+def make_policy(observation_space, action_space, *, hidden: Sequence[int] = (64, 64), activation: str = "tanh",
+                init_std: float = 1.0) -> GaussianMLPPolicy | CategoricalMLPPolicy:
+    """The policy for a gymnasium ``Box`` (Gaussian) or ``Discrete`` (categorical) action space."""
+    import gymnasium as gym
+
+    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
+        raise ValueError(f"policies need a flat Box observation space, got {observation_space}")
+    obs_dim = observation_space.shape[0]
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        return GaussianMLPPolicy(obs_dim, action_space.shape[0], hidden=hidden, activation=activation, init_std=init_std)
+    if isinstance(action_space, gym.spaces.Discrete):
+        return CategoricalMLPPolicy(obs_dim, int(action_space.n), hidden=hidden, activation=activation)
+    raise ValueError(f"policies support Box(shape=(n,)) or Discrete action spaces, got {action_space}")

@@ -1,0 +1,278 @@
+"""In-process vectorized sampler: all envs of all tasks of a meta-batch step in lock-step.
+
+``VectorSampler(env_id, episodes_per_task=E)`` keeps a batch of ``N * E`` envs (env ``n * E + e``
+runs episode ``e`` of task ``n``) and, per call, runs exactly one episode in each env:
+
+- one batched policy forward per time step for every env at once; the parameters can be shared
+  (``{name: [...]}``) or per task (``{name: [N, ...]}``, e.g. the inner-loop adapted dicts,
+  stacked), in which case each task's envs go through that task's parameters;
+- all randomness is drawn up front per task from that task's seed: the policy noise
+  (``[H, E, ...]`` from a ``torch.Generator``) and the env reset seeds (from
+  ``numpy.random.SeedSequence(seed)``), so an episode depends only on its task, its seed and
+  the parameters, never on which other tasks share the batch or the worker;
+- envs whose episode ended are not stepped again (the mask marks their steps); the call returns
+  when every episode has ended or the horizon ``H`` is reached (truncation).
+
+Families with a native vector env (Navigation2D) step all envs in one array operation; the
+others step a list of unwrapped envs in a plain loop that only touches the running ones (no
+gymnasium wrappers, no info merging: the sampler needs observations, rewards and the two end
+flags). Actions are clipped to a ``Box`` action space before they reach the env; the episodes
+keep the unclipped actions, whose log-probabilities they store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import envs  # noqa: F401  (registers the metarl/ families)
+from metarl.episodes import Episodes
+
+PAD = 32  # floats in two AVX-512 vectors (ATen's vectorized loops step by two vectors)
+
+
+def task_seeds(seed: int, *keys: int, n: int) -> list[int]:
+    """``n`` independent 63-bit seeds for the tasks of one sampling call.
+
+    Derived from ``(seed, *keys)`` with ``numpy.random.SeedSequence`` (e.g. keys = iteration and
+    phase), so every sampling call of a run gets its own, reproducible seeds.
+    """
+    state = np.random.SeedSequence([seed, *keys]).generate_state(n, dtype=np.uint64)
+    return [int(s) >> 1 for s in state]
+
+
+class _NativeBatch:
+    """A family's own vector env (all envs in one array op); steps every env each call."""
+
+    def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any]) -> None:
+        self.env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
+                                max_episode_steps=horizon, **env_kwargs)
+        self.num_envs = num_envs
+        self.single_observation_space = self.env.single_observation_space
+        self.single_action_space = self.env.single_action_space
+
+    def set_tasks(self, tasks: Sequence[dict[str, Any]]) -> None:
+        self.env.unwrapped.set_tasks(list(tasks), allow_out_of_range=True)
+
+    def reset(self, seeds: Sequence[int]) -> np.ndarray:
+        # A native vector env takes one seed for all its envs; Navigation2D's resets are
+        # deterministic (every episode starts at the origin), so episodes still do not depend
+        # on the batch composition.
+        obs, _ = self.env.reset(seed=int(seeds[0]))
+        return obs
+
+    def step(self, actions: np.ndarray, running: np.ndarray):
+        obs, rewards, terminated, truncated, _ = self.env.step(actions)
+        return obs, rewards, terminated, truncated
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class _ListBatch:
+    """One unwrapped env per slot, stepped in a loop over the running slots only."""
+
+    def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any]) -> None:
+        self.envs = [gym.make(env_id, disable_env_checker=True, **env_kwargs).unwrapped for _ in range(num_envs)]
+        self.num_envs = num_envs
+        self.single_observation_space = self.envs[0].observation_space
+        self.single_action_space = self.envs[0].action_space
+        obs_dim = int(np.prod(self.single_observation_space.shape))
+        self._obs = np.zeros((num_envs, obs_dim), dtype=np.float32)
+        self._rewards = np.zeros(num_envs)
+        self._terminated = np.zeros(num_envs, dtype=bool)
+        self._truncated = np.zeros(num_envs, dtype=bool)
+
+    def set_tasks(self, tasks: Sequence[dict[str, Any]]) -> None:
+        for env, task in zip(self.envs, tasks):
+            env.set_task(task, allow_out_of_range=True)
+
+    def reset(self, seeds: Sequence[int]) -> np.ndarray:
+        for i, (env, seed) in enumerate(zip(self.envs, seeds)):
+            self._obs[i] = env.reset(seed=int(seed))[0]
+        return self._obs.copy()
+
+    def step(self, actions: np.ndarray, running: np.ndarray):
+        obs, rewards, terminated, truncated = self._obs, self._rewards, self._terminated, self._truncated
+        rewards[:] = 0.0
+        terminated[:] = False
+        truncated[:] = False
+        envs_ = self.envs
+        for i in np.flatnonzero(running):
+            o, r, te, tr, _ = envs_[i].step(actions[i])
+            obs[i] = o
+            rewards[i] = r
+            terminated[i] = te
+            truncated[i] = tr
+        return obs.copy(), rewards.copy(), terminated.copy(), truncated.copy()
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+class VectorSampler:
+    """Samples ``episodes_per_task`` episodes for each task of a meta-batch, all in lock-step.
+
+    Args:
+        env_id: a registered task family, e.g. ``"metarl/HalfCheetahVel-v0"``.
+        episodes_per_task: episodes per task and call (``E``).
+        horizon: the longest episode (``H``); default: the registration's ``max_episode_steps``.
+        env_kwargs: constructor arguments of the env.
+    """
+
+    def __init__(
+        self,
+        env_id: str,
+        *,
+        episodes_per_task: int,
+        horizon: int | None = None,
+        env_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if episodes_per_task < 1:
+            raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
+        try:
+            spec = gym.spec(env_id)
+        except gym.error.Error as e:
+            raise ValueError(f"unknown env id {env_id!r}: {e}") from None
+        self.env_id = env_id
+        self.episodes_per_task = episodes_per_task
+        self.horizon = int(horizon if horizon is not None else spec.max_episode_steps or 0)
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1 (none given and {env_id} registers no max_episode_steps)")
+        self.env_kwargs = dict(env_kwargs or {})
+        self._native = spec.vector_entry_point is not None
+        self._batch: _NativeBatch | _ListBatch | None = None
+        probe = gym.make(env_id, disable_env_checker=True, **self.env_kwargs)
+        self.observation_space = probe.observation_space
+        self.action_space = probe.action_space
+        probe.close()
+
+    def _envs(self, num_envs: int) -> _NativeBatch | _ListBatch:
+        if self._batch is None or self._batch.num_envs != num_envs:
+            if self._batch is not None:
+                self._batch.close()
+            cls = _NativeBatch if self._native else _ListBatch
+            self._batch = cls(self.env_id, num_envs, self.horizon, self.env_kwargs)
+        return self._batch
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+
+    def sample(
+        self,
+        policy: torch.nn.Module,
+        params: Mapping[str, torch.Tensor],
+        tasks: Sequence[dict[str, Any]],
+        seeds: Sequence[int],
+        *,
+        per_task: bool = False,
+    ) -> Episodes:
+        """``E`` episodes of each task (one per env), on CPU.
+
+        ``params``: the policy's parameter dict, shared by all tasks, or with ``per_task=True``
+        stacked per task (``[N, ...]``, e.g. adapted parameters). ``seeds``: one per task
+        (:func:`task_seeds`).
+        """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # per-step tensors are small: extra threads only spin (100x slower on a busy CPU)
+        try:
+            with torch.no_grad():
+                return self._sample(policy, params, tasks, seeds, per_task)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _sample(self, policy, params, tasks, seeds, per_task) -> Episodes:
+        n, e, h = len(tasks), self.episodes_per_task, self.horizon
+        if len(seeds) != n:
+            raise ValueError(f"need one seed per task: {n} tasks, {len(seeds)} seeds")
+        if n == 0:
+            raise ValueError("sample needs at least one task")
+        m = n * e
+        params = _per_task(params, n, per_task)
+        batch = self._envs(m)
+        batch.set_tasks([task for task in tasks for _ in range(e)])
+
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        noise = torch.stack([policy.noise((h, e), g) for g in gens])  # [N, H, E, ...]
+        reset_seeds = np.concatenate([np.random.SeedSequence(int(s)).generate_state(e) for s in seeds])
+        obs = batch.reset(reset_seeds)
+
+        obs_dim = obs.shape[-1]
+        act_shape = noise.shape[3:]
+        obs_buf = torch.zeros(h, m, obs_dim)
+        act_buf = torch.zeros(h, m, *act_shape, dtype=torch.int64 if policy.discrete else torch.float32)
+        logp_buf = torch.zeros(h, m)
+        rew_buf = np.zeros((h, m), dtype=np.float32)
+        mask_buf = np.zeros((h, m), dtype=np.float32)
+        final_obs = np.zeros((m, obs_dim), dtype=np.float32)
+        terminated_out = np.zeros(m, dtype=bool)
+        lengths = np.zeros(m, dtype=np.int64)
+        running = np.ones(m, dtype=bool)
+        box = self.action_space if isinstance(self.action_space, gym.spaces.Box) else None
+
+        # The policy runs on episodes padded to a multiple of PAD per task, so every task's block
+        # of every elementwise op is a whole number of CPU vector lengths: no element goes
+        # through a scalar tail loop (whose rounding differs), and a task's numbers do not
+        # depend on how many tasks share the call.
+        e_pad = -(-e // PAD) * PAD
+        obs_pad = torch.zeros(n, e_pad, obs_dim)
+        noise = torch.cat([noise, noise.new_zeros(n, h, e_pad - e, *noise.shape[3:])], dim=2)
+        for t in range(h):
+            obs_t = torch.as_tensor(obs, dtype=torch.float32)
+            obs_pad[:, :e] = obs_t.view(n, e, obs_dim)
+            dist = policy(obs_pad, params)
+            actions_pad = policy.actions_from_noise(dist, noise[:, t])
+            actions, log_probs = actions_pad[:, :e], dist.log_prob(actions_pad)[:, :e]
+            run_t = torch.from_numpy(running)
+            obs_buf[t] = obs_t * run_t[:, None]
+            act_buf[t] = actions.reshape(m, *act_shape) * (run_t.view(m, *([1] * len(act_shape))))
+            logp_buf[t] = log_probs.reshape(m) * run_t
+            env_actions = actions.reshape(m, *act_shape).numpy()
+            if box is not None:
+                env_actions = np.clip(env_actions, box.low, box.high)
+            obs, rewards, terminated, truncated = batch.step(env_actions, running)
+            rew_buf[t] = np.where(running, rewards, 0.0)
+            mask_buf[t] = running
+            ended = running & (terminated | truncated | (t == h - 1))
+            final_obs[ended] = obs[ended]
+            terminated_out[ended] = terminated[ended]
+            lengths[ended] = t + 1
+            running = running & ~ended
+            if not running.any():
+                break
+
+        def task_major(x: torch.Tensor) -> torch.Tensor:  # [H, N*E, ...] -> [N, H, E, ...]
+            return x.reshape(h, n, e, *x.shape[2:]).transpose(0, 1).contiguous()
+
+        return Episodes(
+            observations=task_major(obs_buf),
+            actions=task_major(act_buf),
+            rewards=task_major(torch.from_numpy(rew_buf)),
+            log_probs=task_major(logp_buf),
+            mask=task_major(torch.from_numpy(mask_buf)),
+            final_observations=torch.from_numpy(final_obs).view(n, e, obs_dim),
+            terminated=torch.from_numpy(terminated_out).view(n, e),
+            lengths=torch.from_numpy(lengths).view(n, e),
+        )
+
+
+def _per_task(params: Mapping[str, torch.Tensor], n: int, per_task: bool) -> dict[str, torch.Tensor]:
+    """Parameters with a leading task dimension ``N``; shared ones are expanded (no copy).
+
+    Every call then runs the same per-task batched matmuls whatever ``N`` is, so an episode's
+    numbers do not depend on how many tasks share the call.
+    """
+    if per_task:
+        for name, p in params.items():
+            if p.dim() == 0 or p.shape[0] != n:
+                raise ValueError(f"per-task parameter {name!r} must have a leading dimension of {n} (tasks), "
+                                 f"got shape {tuple(p.shape)}")
+        return {name: p.detach() for name, p in params.items()}
+    return {name: p.detach().unsqueeze(0).expand(n, *p.shape) for name, p in params.items()}

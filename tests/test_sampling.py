@@ -1,0 +1,182 @@
+"""Samplers: exact episode counts and shapes, masks and end flags, seeded determinism, per-task
+parameters, and Ray workers (equal to the in-process sampler, surviving a killed worker)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy, make_policy
+from metarl.sampling import VectorSampler, task_seeds
+
+NAV = "metarl/Navigation2D-v0"
+CHEETAH = "metarl/HalfCheetahVel-v0"
+
+
+def tasks_of(env_id, n, seed=0):
+    env = gym.make(env_id)
+    env.reset(seed=seed)
+    return env.unwrapped.sample_tasks(n)
+
+
+def equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def policy_for(sampler, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return make_policy(sampler.observation_space, sampler.action_space, **kwargs)
+
+
+@pytest.mark.parametrize("env_id, horizon", [(NAV, 100), (CHEETAH, 30)])
+def test_exact_counts_shapes_and_masks(env_id, horizon):
+    sampler = VectorSampler(env_id, episodes_per_task=3, horizon=horizon)
+    policy = policy_for(sampler)
+    n = 4
+    ep = sampler.sample(policy, policy.params(), tasks_of(env_id, n), task_seeds(0, 0, n=n)).check()
+    obs_dim = sampler.observation_space.shape[0]
+    act_dim = sampler.action_space.shape[0]
+    assert ep.observations.shape == (n, horizon, 3, obs_dim)
+    assert ep.actions.shape == (n, horizon, 3, act_dim)
+    assert ep.rewards.shape == ep.log_probs.shape == ep.mask.shape == (n, horizon, 3)
+    assert ep.final_observations.shape == (n, 3, obs_dim)
+    assert ep.terminated.shape == ep.lengths.shape == (n, 3)
+    # random policies neither reach a goal nor fall over here: every episode runs the horizon
+    assert (ep.lengths == horizon).all() and not ep.terminated.any()
+    assert ep.num_steps() == n * 3 * horizon
+    # the stored log-probs are those of the stored (unclipped) actions under the policy
+    with torch.no_grad():
+        recomputed = policy(ep.observations, policy.params()).log_prob(ep.actions)
+    torch.testing.assert_close(ep.log_probs, recomputed * ep.mask, rtol=1e-5, atol=1e-5)
+
+
+def test_terminated_episodes_stop_and_keep_their_final_observation():
+    sampler = VectorSampler(NAV, episodes_per_task=2, horizon=100)
+    policy = policy_for(sampler, init_std=1e-6)  # actions ~ the mean, a few hundredths at most
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.zero_()  # mean 0: the point stays at the origin
+        policy.log_std.fill_(np.log(1e-6))
+    tasks = [{"goal": [0.0, 0.005]}, {"goal": [0.3, 0.3]}]  # the first is reached at step 1
+    ep = sampler.sample(policy, policy.params(), tasks, task_seeds(0, 1, n=2)).check()
+    assert ep.lengths.tolist() == [[1, 1], [100, 100]]
+    assert ep.terminated.tolist() == [[True, True], [False, False]]
+    assert ep.mask[0, 0].tolist() == [1.0, 1.0] and ep.mask[0, 1:].sum() == 0
+    assert ep.rewards[0, 1:].abs().sum() == 0
+    torch.testing.assert_close(ep.rewards[0, 0], torch.full((2,), -0.005), atol=2e-5, rtol=0)
+    assert ep.final_observations[0].abs().max() < 1e-4
+    torch.testing.assert_close(ep.final_observations[1, 0], ep.observations[1, 99, 0], atol=1e-5, rtol=0)
+
+
+def test_categorical_policy_samples_by_inverse_cdf():
+    policy = CategoricalMLPPolicy(3, 4, hidden=(8,))
+    dist = torch.distributions.Categorical(probs=torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 4))
+    actions = policy.actions_from_noise(dist, torch.tensor([0.05, 0.25, 0.55, 0.99]))
+    assert actions.tolist() == [0, 1, 2, 3]
+    gaussian = GaussianMLPPolicy(3, 2, hidden=(8,))
+    assert gaussian.noise((5, 4), torch.Generator().manual_seed(0)).shape == (5, 4, 2)
+
+
+@pytest.mark.parametrize("env_id", [NAV, CHEETAH])
+def test_same_seed_same_episodes_whatever_the_grouping(env_id):
+    sampler = VectorSampler(env_id, episodes_per_task=2, horizon=20)
+    policy = policy_for(sampler)
+    n = 4
+    tasks, seeds = tasks_of(env_id, n), task_seeds(3, 7, n=n)
+    whole = sampler.sample(policy, policy.params(), tasks, seeds)
+    assert equal(whole, sampler.sample(policy, policy.params(), tasks, seeds))
+    parts = [sampler.sample(policy, policy.params(), tasks[i:i + 1], seeds[i:i + 1]) for i in range(n)]
+    assert equal(whole, type(whole).cat(parts))
+    other = sampler.sample(policy, policy.params(), tasks, task_seeds(3, 8, n=n))
+    assert not torch.equal(whole.actions, other.actions)
+
+
+def test_per_task_parameters_drive_their_own_tasks():
+    sampler = VectorSampler(CHEETAH, episodes_per_task=2, horizon=15)
+    policies = [policy_for(sampler, seed=s) for s in range(3)]
+    tasks, seeds = tasks_of(CHEETAH, 3), task_seeds(0, 2, n=3)
+    stacked = {k: torch.stack([p.params()[k] for p in policies]) for k in policies[0].params()}
+    together = sampler.sample(policies[0], stacked, tasks, seeds, per_task=True)
+    alone = [sampler.sample(p, p.params(), [t], [s]) for p, t, s in zip(policies, tasks, seeds)]
+    assert equal(together, type(together).cat(alone))
+    with pytest.raises(ValueError, match="leading dimension of 3"):
+        sampler.sample(policies[0], policies[0].params(), tasks, seeds, per_task=True)
+
+
+def test_task_seeds_are_reproducible_and_distinct():
+    assert task_seeds(1, 2, n=5) == task_seeds(1, 2, n=5)
+    assert len(set(task_seeds(1, 2, n=100))) == 100
+    assert task_seeds(1, 2, n=3) != task_seeds(1, 3, n=3)
+    assert all(0 <= s < 2**63 for s in task_seeds(9, n=50))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="episodes_per_task"):
+        VectorSampler(NAV, episodes_per_task=0)
+    with pytest.raises(ValueError, match="unknown env id"):
+        VectorSampler("metarl/Nope-v0", episodes_per_task=1)
+    sampler = VectorSampler(NAV, episodes_per_task=1)
+    policy = policy_for(sampler)
+    with pytest.raises(ValueError, match="one seed per task"):
+        sampler.sample(policy, policy.params(), tasks_of(NAV, 2), [1])
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    from metarl.sampling import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_sampler_equals_the_in_process_sampler(ray_local, workers):
+    from metarl.sampling import RaySampler
+
+    local = VectorSampler(CHEETAH, episodes_per_task=2, horizon=25)
+    policy = policy_for(local)
+    tasks, seeds = tasks_of(CHEETAH, 5), task_seeds(4, 0, n=5)
+    stacked = {k: v.detach() + 0.01 * torch.arange(5.0).view(5, *[1] * v.dim()) for k, v in policy.params().items()}
+    sampler = RaySampler(CHEETAH, policy=policy, episodes_per_task=2, horizon=25, num_workers=workers)
+    try:
+        assert equal(sampler.sample(policy.params(), tasks, seeds), local.sample(policy, policy.params(), tasks, seeds))
+        assert equal(sampler.sample(stacked, tasks, seeds, per_task=True),
+                     local.sample(policy, stacked, tasks, seeds, per_task=True))
+        assert sampler.events == []
+    finally:
+        sampler.close()
+
+
+def test_ray_sampler_replaces_a_killed_worker_and_completes_the_call(ray_local):
+    from metarl.sampling import RaySampler
+
+    events = []
+    local = VectorSampler(CHEETAH, episodes_per_task=4, horizon=200)
+    policy = policy_for(local)
+    n = 8
+    tasks, seeds = tasks_of(CHEETAH, n), task_seeds(5, 0, n=n)
+    sampler = RaySampler(CHEETAH, policy=policy, episodes_per_task=4, horizon=200, num_workers=2, on_event=events.append)
+    try:
+        victim = sampler.worker_pids()[0]
+        killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))  # each share takes seconds
+        killer.start()
+        episodes = sampler.sample(policy.params(), tasks, seeds)
+        killer.join()
+        assert episodes.num_tasks == n and episodes.num_steps() == n * 4 * 200
+        assert equal(episodes, local.sample(policy, policy.params(), tasks, seeds))
+        assert [e["worker"] for e in events] == [0] and events[0]["tasks"] == [0, 4]
+        assert sampler.events == events
+        assert victim not in sampler.worker_pids()  # the replacement is a new process
+    finally:
+        sampler.close()
