@@ -11,6 +11,11 @@ module's. Parameters may carry a leading task dimension ``[N, ...]`` together wi
 ``[N, ..., obs_dim]``: each task's observations then go through that task's parameters (one
 batched matmul per layer), which is how the sampler runs per-task adapted policies in one call.
 
+``outputs(obs, params)`` gives the distribution's parameters as a tuple of tensors and
+``distribution(outputs)`` builds it; ``kl_hessian_product`` is the Hessian of the KL divergence
+in those outputs (the Fisher information), which the TRPO meta-update uses for exact
+Gauss-Newton Fisher-vector products.
+
 The sampler draws all randomness up front (``noise(shape, generator)``) and turns it into
 actions with ``actions_from_noise(dist, noise)``, so an episode depends only on its task's
 seed, never on how tasks are grouped into batches or workers.
@@ -97,14 +102,35 @@ class GaussianMLPPolicy(_MLPPolicy):
         self.min_log_std = float(torch.log(torch.tensor(min_std)))
         self.log_std = nn.Parameter(torch.full((act_dim,), float(torch.log(torch.tensor(init_std)))))
 
-    def forward(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Distribution:
+    def outputs(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """Distribution parameters ``(mean, log_std)``, both ``[..., act_dim]``."""
         params = self.params() if params is None else params
         mean = self._trunk(obs, params)
         log_std = params["log_std"].clamp(min=self.min_log_std)
         if log_std.dim() == 2:  # task-batched [N, act_dim] -> broadcast over [N, ..., act_dim]
             log_std = log_std.reshape(log_std.shape[0], *([1] * (mean.dim() - 2)), log_std.shape[1])
-        std = log_std.expand_as(mean).contiguous().exp()  # full-size: no element takes a vector-loop tail
-        return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+        # full-size and contiguous: no element of the exp below takes a vector-loop tail
+        return mean, log_std.expand_as(mean).contiguous()
+
+    @staticmethod
+    def distribution(outputs: tuple[torch.Tensor, ...]) -> Distribution:
+        mean, log_std = outputs
+        return Independent(Normal(mean, log_std.exp(), validate_args=False), 1, validate_args=False)
+
+    @staticmethod
+    def kl_hessian_product(old: tuple[torch.Tensor, ...], tangent: tuple[torch.Tensor, ...],
+                           weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Hessian of ``sum(weights * KL(old || new))`` in the outputs, at new = old, times ``tangent``.
+
+        For diagonal Gaussians: 1 / sigma^2 for the mean and 2 for log-std, no cross terms.
+        ``weights``: per sample (``mean.shape[:-1]``).
+        """
+        _, log_std = old
+        w = weights.unsqueeze(-1)
+        return w * tangent[0] * torch.exp(-2 * log_std), w * 2 * tangent[1]
+
+    def forward(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Distribution:
+        return self.distribution(self.outputs(obs, params))
 
     def noise(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """Standard normal draws ``[*shape, act_dim]``."""
@@ -126,9 +152,26 @@ class CategoricalMLPPolicy(_MLPPolicy):
         super().__init__(obs_dim, num_actions, hidden=hidden, activation=activation)
         self.num_actions = num_actions
 
-    def forward(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Distribution:
+    def outputs(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """Distribution parameters ``(logits,)``, ``[..., num_actions]``."""
         params = self.params() if params is None else params
-        return Categorical(logits=self._trunk(obs, params), validate_args=False)
+        return (self._trunk(obs, params),)
+
+    @staticmethod
+    def distribution(outputs: tuple[torch.Tensor, ...]) -> Distribution:
+        return Categorical(logits=outputs[0], validate_args=False)
+
+    @staticmethod
+    def kl_hessian_product(old: tuple[torch.Tensor, ...], tangent: tuple[torch.Tensor, ...],
+                           weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Hessian of ``sum(weights * KL(old || new))`` in the logits at new = old, times ``tangent``:
+        ``diag(p) - p p^T`` per sample."""
+        p = torch.softmax(old[0], dim=-1)
+        t = tangent[0]
+        return (weights.unsqueeze(-1) * (p * t - p * (p * t).sum(-1, keepdim=True)),)
+
+    def forward(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Distribution:
+        return self.distribution(self.outputs(obs, params))
 
     def noise(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """Uniform draws in [0, 1) ``[*shape]`` (inverse-CDF sampling)."""

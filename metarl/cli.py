@@ -1,5 +1,8 @@
 """The ``metarl`` command: ``metarl train | evaluate``.
 
+Configs whose ``family`` is sinusoid or omniglot are few-shot experiments; any other family is
+a meta-RL experiment on ``metarl/<family>-v0``.
+
 Every user mistake (config, run directory, checkpoint, data directory) prints one line
 ``metarl: error: ...`` and exits with status 2, without a traceback.
 """
@@ -19,18 +22,45 @@ from metarl.config import ConfigError, apply_overrides, dump_config, from_dict, 
 EXIT_USAGE = 2
 
 
-def _config_class():
-    """The config class of an experiment (the few-shot families for now)."""
-    from metarl.fewshot.config import FewShotConfig
+FEWSHOT_FAMILIES = ("sinusoid", "omniglot")
 
-    return FewShotConfig
+
+def _config_class(path: Path, overrides: list[str]):
+    """The config class of an experiment: few-shot for sinusoid/omniglot, meta-RL otherwise."""
+    import yaml
+
+    from metarl.fewshot.config import FewShotConfig
+    from metarl.rl.config import RLConfig
+
+    family = None
+    for item in overrides:
+        if item.startswith("family="):
+            family = item.split("=", 1)[1]
+    if family is None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            raw = None  # load_config reports the problem with the file
+        family = raw.get("family") if isinstance(raw, dict) else None
+    return FewShotConfig if family in FEWSHOT_FAMILIES else RLConfig
 
 
 def _load(path: Path, overrides: list[str]):
     """Load a config; a relative data directory is made absolute so the run dir works from anywhere."""
-    cfg = load_config(_config_class(), path, overrides)
-    cfg.omniglot.root = str(Path(cfg.omniglot.root).expanduser().resolve())
+    cfg = load_config(_config_class(path, overrides), path, overrides)
+    if hasattr(cfg, "omniglot"):
+        cfg.omniglot.root = str(Path(cfg.omniglot.root).expanduser().resolve())
     return cfg
+
+
+def _experiment(cfg):
+    if hasattr(cfg, "omniglot"):
+        from metarl.fewshot.experiment import FewShotExperiment
+
+        return FewShotExperiment(cfg)
+    from metarl.rl.experiment import RLExperiment
+
+    return RLExperiment(cfg)
 
 
 def _default_run_dir(cfg) -> Path:
@@ -49,7 +79,6 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from metarl.fewshot.experiment import FewShotExperiment
     from metarl.run import CHECKPOINT, CONFIG, RunError
 
     config_path, overrides = None, []
@@ -73,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if changed:
             raise ConfigError(f"--resume: the config differs from the run's {CONFIG} in {', '.join(changed)}; "
                               "only num_iterations and threads may change when resuming")
-        exp = FewShotExperiment(cfg)
+        exp = _experiment(cfg)
         start = 0
         if (run_dir / CHECKPOINT).exists():
             start = exp.load_checkpoint(run_dir / CHECKPOINT)
@@ -87,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
         if (run_dir / CHECKPOINT).exists() or (run_dir / CONFIG).exists():
             raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-        exp = FewShotExperiment(cfg)
+        exp = _experiment(cfg)
         start = 0
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / CONFIG)
@@ -95,18 +124,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if start >= cfg.num_iterations:
         print(f"nothing to do: the run already reached num_iterations={cfg.num_iterations}", file=sys.stderr)
         return 0
-    exp.train(run_dir, start=start, progress=not args.no_progress)
+    try:
+        exp.train(run_dir, start=start, progress=not args.no_progress)
+    finally:
+        if hasattr(exp, "close"):
+            exp.close()
     from metarl.run import read_metrics
 
     last = read_metrics(run_dir)[-1]
-    shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("train/", "val/"))}
+    shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("train/", "val/", "return/"))}
     print(f"done: {cfg.num_iterations} iterations; last {json.dumps(shown)}")
     print(f"next: metarl evaluate {run_dir}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from metarl.fewshot.experiment import restore
     from metarl.run import CONFIG, RunError
 
     run_dir = Path(args.run_dir)
@@ -117,11 +149,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     cfg = _load(run_dir / CONFIG, [])
+    if hasattr(cfg, "omniglot"):
+        from metarl.fewshot.experiment import restore
+    else:
+        from metarl.rl.experiment import restore
     exp, iteration = restore(cfg, run_dir)
     steps = cfg.eval.steps if args.steps is None else args.steps
     num_tasks = cfg.eval.num_tasks if args.num_tasks is None else args.num_tasks
     t0 = time.perf_counter()
-    result = exp.evaluate(num_tasks=num_tasks, steps=steps, seed=args.seed)
+    try:
+        result = exp.evaluate(num_tasks=num_tasks, steps=steps, seed=args.seed)
+    finally:
+        if hasattr(exp, "close"):
+            exp.close()
     result["iteration"] = iteration
     print(f"{run_dir} at iteration {iteration}: {result['metric']} on {num_tasks} held-out tasks "
           f"({time.perf_counter() - t0:.1f} s)")

@@ -90,6 +90,8 @@ class RaySampler:
         address: Ray cluster to join (None: ``RAY_ADDRESS`` or a new local Ray).
         max_replacements: how many dead actors one call may replace before it gives up.
         on_event: called with a dict for every replaced worker (e.g. the run's logger).
+        start_timeout_s: how long to wait for the actors to start (each needs a free CPU in
+            the Ray cluster) before raising an error that says so.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class RaySampler:
         address: str | None = None,
         max_replacements: int = 8,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        start_timeout_s: float = 300.0,
     ) -> None:
         import ray
 
@@ -118,6 +121,14 @@ class RaySampler:
         self.on_event = on_event
         self.events: list[dict[str, Any]] = []
         self.workers = [self._remote_cls.remote(*self._args) for _ in range(num_workers)]
+        try:
+            ray.get([w.pid.remote() for w in self.workers], timeout=start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            free = ray.available_resources().get("CPU", 0)
+            self.close()
+            raise RuntimeError(f"could not start {num_workers} rollout workers within {start_timeout_s:.0f} s: each "
+                               f"needs one CPU and the Ray cluster has {free:g} free; lower ray.num_workers or "
+                               f"add nodes") from None
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current actors (waits until they are up)."""

@@ -1,0 +1,92 @@
+"""The typed config of a meta-RL experiment (``experiments/<family>/<algorithm>.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from metarl.config import field_error, option
+
+
+@dataclass
+class PolicyConfig:
+    hidden: list[int] = option(default_factory=lambda: [64, 64], ge=1, doc="Hidden layer widths of the policy MLP.")
+    activation: Literal["tanh", "relu"] = option("tanh", doc="Hidden activation.")
+    init_std: float = option(1.0, gt=0, doc="Initial standard deviation of the Gaussian policy.")
+
+
+@dataclass
+class InnerConfig:
+    steps: int = option(1, ge=1, doc="Inner policy-gradient steps per task (each on fresh episodes of the adapted policy).")
+    lr: float | list[float] = option(0.1, gt=0, doc="Inner learning rate: one value, or one per step (the last repeats).")
+
+
+@dataclass
+class TRPOConfig:
+    max_kl: float = option(0.01, gt=0, doc="Trust region: largest mean KL between old and new adapted policies.")
+    cg_iterations: int = option(10, ge=1, doc="Conjugate-gradient iterations.")
+    cg_damping: float = option(1e-5, ge=0, doc="Damping added to the Fisher-vector products.")
+    line_search_steps: int = option(15, ge=1, doc="Backtracking line-search steps.")
+    line_search_ratio: float = option(0.8, gt=0, lt=1, doc="Step shrink factor of the line search.")
+    fvp_subsample: float = option(0.2, gt=0, le=1, doc="Fraction of each task's episodes used for Fisher-vector products (1: all).")
+
+
+@dataclass
+class OuterConfig:
+    optimizer: Literal["trpo", "adam"] = option("trpo", doc="Meta-update of maml_trpo / fomaml (maml_trpo needs trpo).")
+    lr: float = option(1e-3, gt=0, doc="Adam learning rate (optimizer: adam).")
+    epsilon_start: float = option(1.0, gt=0, le=1, doc="Reptile: outer step size at iteration 0.")
+    epsilon_end: float = option(0.0, ge=0, le=1, doc="Reptile: outer step size at the last iteration (linear anneal).")
+    trpo: TRPOConfig = option(default_factory=TRPOConfig, doc="TRPO meta-update.")
+
+
+@dataclass
+class SamplerConfig:
+    workers: int = option(0, ge=0, doc="Ray rollout workers (0: sample in-process).")
+    address: str | None = option(None, doc="Ray cluster to join (e.g. auto); null: RAY_ADDRESS or a new local Ray.")
+
+
+@dataclass
+class EvalConfig:
+    num_tasks: int = option(40, ge=1, doc="Held-out tasks of `metarl evaluate`.")
+    steps: int = option(3, ge=0, doc="Adaptation steps evaluated: the return after 0..steps steps.")
+    episodes_per_task: int | None = option(None, ge=1, doc="Episodes per adaptation step (null: episodes_per_task).")
+    every: int = option(0, ge=0, doc="Meta-validate every this many iterations (0: never).")
+    val_tasks: int = option(20, ge=1, doc="Tasks of each meta-validation.")
+
+
+@dataclass
+class RLConfig:
+    family: str = option(doc="Task family registered as metarl/<family>-v0 (e.g. Navigation2D, HalfCheetahVel).")
+    algorithm: Literal["maml_trpo", "fomaml", "reptile"] = option(doc="Meta-learner.")
+    num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
+    env: dict[str, Any] = option(default_factory=dict, doc="Constructor arguments of the env (e.g. task_name for MetaWorld-ML1).")
+    seed: int = option(0, ge=0, doc="Run seed: policy init, tasks and episodes of every iteration.")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", doc="Where the learner runs (rollouts always on CPU).")
+    threads: int = option(0, ge=0, doc="torch CPU threads of the learner (0: torch's default).")
+    meta_batch_size: int = option(20, ge=1, doc="Tasks per meta-update.")
+    episodes_per_task: int = option(20, ge=1, doc="Episodes per task for each inner step and for validation.")
+    horizon: int | None = option(None, ge=1, doc="Episode length (null: the family's registered horizon).")
+    gamma: float = option(0.99, ge=0, le=1, doc="Discount factor.")
+    gae_lambda: float = option(1.0, ge=0, le=1, doc="GAE lambda (1: Monte-Carlo returns minus the baseline).")
+    normalize_advantages: bool = option(True, doc="Normalise advantages per task.")
+    checkpoint_every: int = option(50, ge=1, doc="Write a checkpoint every this many iterations (and at the end).")
+    policy: PolicyConfig = option(default_factory=PolicyConfig, doc="Policy network.")
+    inner: InnerConfig = option(default_factory=InnerConfig, doc="Inner loop (adaptation).")
+    outer: OuterConfig = option(default_factory=OuterConfig, doc="Outer loop (meta-update).")
+    sampler: SamplerConfig = option(default_factory=SamplerConfig, doc="Episode sampling.")
+    eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
+
+    def validate(self, prefix: str = "") -> None:
+        import envs
+
+        if self.family not in envs.FAMILIES:
+            raise field_error(prefix, "family", f"must be one of {sorted(envs.FAMILIES)}, got {self.family!r}")
+        if self.algorithm == "maml_trpo" and self.outer.optimizer != "trpo":
+            raise field_error(prefix, "outer.optimizer", "maml_trpo needs trpo (use algorithm fomaml for adam)")
+
+    @property
+    def env_id(self) -> str:
+        import envs
+
+        return f"{envs.NAMESPACE}/{self.family}-v0"
