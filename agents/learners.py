@@ -233,12 +233,16 @@ class MAMLTRPO:
         surrogate, kl = self.surrogate_and_kl(theta, train, valid, old)
         grads = torch.autograd.grad(surrogate, list(theta.values()))
         g = flatten(dict(zip(theta, grads))).detach()
+        loss_before = float(surrogate.detach())
+        if not torch.isfinite(g).all() or not g.any():  # nothing to follow: keep theta
+            return {"loss/surrogate_before": loss_before, "loss/surrogate_after": loss_before, "kl": 0.0,
+                    "kl_before": float(kl.detach()), "line_search/steps": 0, "line_search/accepted": 0.0,
+                    "line_search/fraction": 0.0, "grad_norm": float(g.norm())}
 
         fvp = self.fisher_vector_product(theta0, train, valid)
         direction = conjugate_gradient(fvp, g, iterations=self.cg_iterations)
         beta = trpo_step_size(direction, fvp(direction), self.max_kl)
         full_step = -beta * direction
-        loss_before = float(surrogate.detach())
 
         def evaluate(step: torch.Tensor) -> tuple[float, float]:
             candidate = {k: theta0[k] + v for k, v in unflatten(step, theta0).items()}
@@ -287,7 +291,7 @@ class FOMAMLAdam:
         self.optimizer.zero_grad(set_to_none=True)
         surrogate.backward()
         self.optimizer.step()
-        return {"loss/surrogate_before": float(surrogate)}
+        return {"loss/surrogate_before": float(surrogate.detach())}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
