@@ -20,6 +20,8 @@ from metarl.atomic import atomic_open
 from metarl.config import ConfigError, apply_overrides, dump_config, from_dict, load_config, to_dict
 
 EXIT_USAGE = 2
+# keys that may change when resuming: they do not change the results
+RESUMABLE = ("num_iterations", "threads", "ray.workers", "ray.address")
 
 
 FEWSHOT_FAMILIES = ("sinusoid", "omniglot")
@@ -87,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.append(item)
         else:
             config_path = Path(item)
+    if args.ray_address:
+        overrides.append(f"ray.address={args.ray_address}")
 
     if args.resume:
         if args.run_dir is None:
@@ -98,10 +102,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = _load(saved_path, [])
         cfg = _load(config_path, overrides) if config_path else \
             from_dict(type(saved), apply_overrides(to_dict(saved), overrides))
-        changed = [k for k in _diff(to_dict(saved), to_dict(cfg)) if k not in ("num_iterations", "threads")]
+        changed = [k for k in _diff(to_dict(saved), to_dict(cfg)) if k not in RESUMABLE]
         if changed:
             raise ConfigError(f"--resume: the config differs from the run's {CONFIG} in {', '.join(changed)}; "
-                              "only num_iterations and threads may change when resuming")
+                              f"only {', '.join(RESUMABLE)} may change when resuming")
         exp = _experiment(cfg)
         start = 0
         if (run_dir / CHECKPOINT).exists():
@@ -186,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="where to write the run (default: runs/FAMILY-ALGORITHM-TIMESTAMP)")
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--ray-address", metavar="ADDRESS",
+                       help="meta-RL: sample on this Ray cluster (same as ray.address=ADDRESS; e.g. auto)")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate a run on held-out tasks",

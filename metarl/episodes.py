@@ -47,6 +47,9 @@ class Episodes(NamedTuple):
     """``[N, E]`` bool: True = ended by termination (no value after it); False = truncated (bootstrap)."""
     lengths: torch.Tensor
     """``[N, E]`` int64: steps in each episode (``mask.sum(1)``)."""
+    success: torch.Tensor | None = None
+    """``[N, E]`` float32: 1.0 if the env reported ``info["success"]`` during the episode, else 0.0
+    (Meta-World); None for envs that do not report success."""
 
     # ---------------------------------------------------------------------------------------
     # Sizes and views
@@ -65,17 +68,17 @@ class Episodes(NamedTuple):
         return self.observations.shape[2]
 
     def to(self, device: torch.device | str) -> Episodes:
-        return Episodes(*(t.to(device, non_blocking=True) for t in self))
+        return Episodes(*(None if t is None else t.to(device, non_blocking=True) for t in self))
 
     def task(self, i: int | slice) -> Episodes:
         """Task ``i`` as a batch with ``N = 1`` (or the tasks of a slice); views, not copies."""
         if isinstance(i, slice):
-            return Episodes(*(t[i] for t in self))
+            return Episodes(*(None if t is None else t[i] for t in self))
         n = self.num_tasks
         if not -n <= i < n:
             raise IndexError(f"task index {i} out of range for a batch of {n} tasks")
         i %= n
-        return Episodes(*(t[i : i + 1] for t in self))
+        return Episodes(*(None if t is None else t[i : i + 1] for t in self))
 
     @staticmethod
     def cat(episodes: Sequence[Episodes]) -> Episodes:
@@ -92,7 +95,9 @@ class Episodes(NamedTuple):
                 raise ValueError(
                     f"cannot concatenate Episodes with different episodes per task: episodes[0] has "
                     f"E={first.episodes_per_task}, episodes[{k}] has E={ep.episodes_per_task}")
-        return Episodes(*(torch.cat(fields, dim=0) for fields in zip(*episodes)))
+        if len({ep.success is None for ep in episodes}) > 1:
+            raise ValueError("cannot concatenate Episodes with and without success flags")
+        return Episodes(*(None if fields[0] is None else torch.cat(fields, dim=0) for fields in zip(*episodes)))
 
     # ---------------------------------------------------------------------------------------
     # Statistics
@@ -133,6 +138,8 @@ class Episodes(NamedTuple):
             "terminated": (n, e),
             "lengths": (n, e),
         }
+        if self.success is not None:
+            expected["success"] = (n, e)
         for name, shape in expected.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:

@@ -520,3 +520,16 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch, exc):
     with pytest.raises(type(exc)):
         save_checkpoint({"iteration": 1, "model": {}}, tmp_path / "first.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_experiment_config_loads_and_is_named_after_its_algorithm(path):
+    from metarl.cli import _load
+
+    cfg = _load(path, [])
+    assert cfg.algorithm in path.stem
+    if path.parent.name not in ("sinusoid", "omniglot"):
+        from metarl.rl.config import RLConfig
+
+        assert isinstance(cfg, RLConfig) and path.stem == cfg.algorithm

@@ -392,7 +392,7 @@ def test_episodes_sizes_and_statistics():
     with pytest.raises(IndexError, match="task index 3 out of range for a batch of 3 tasks"):
         ep.task(3)
     moved = ep.to("cpu")
-    assert all(torch.equal(a, b) for a, b in zip(moved, ep))
+    assert moved.success is None and all(torch.equal(a, b) for a, b in zip(moved[:-1], ep[:-1]))
 
 
 @pytest.mark.parametrize(
@@ -425,8 +425,13 @@ def test_cat_concatenates_tasks_and_rejects_mismatches():
     b = random_episodes([[2, 2], [3, 1]], horizon=3, seed=15)
     c = Episodes.cat([a, b]).check()
     assert c.num_tasks == 3
-    for name in Episodes._fields:
+    for name in Episodes._fields[:-1]:
         assert torch.equal(getattr(c, name), torch.cat([getattr(a, name), getattr(b, name)]))
+    assert c.success is None
+    flags = Episodes.cat([a._replace(success=torch.ones(1, 2)), b._replace(success=torch.zeros(2, 2))]).check()
+    assert flags.success.tolist() == [[1, 1], [0, 0], [0, 0]]
+    with pytest.raises(ValueError, match="with and without success"):
+        Episodes.cat([a._replace(success=torch.ones(1, 2)), b])
     long = random_episodes([[4, 4]], horizon=4, seed=16)
     with pytest.raises(ValueError, match="episodes\\[0\\] has H=3, episodes\\[2\\] has H=4"):
         Episodes.cat([a, b, long])

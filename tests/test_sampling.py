@@ -26,7 +26,7 @@ def tasks_of(env_id, n, seed=0):
 
 
 def equal(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b))
 
 
 def policy_for(sampler, seed=0, **kwargs):
@@ -93,6 +93,7 @@ def test_same_seed_same_episodes_whatever_the_grouping(env_id):
     assert equal(whole, sampler.sample(policy, policy.params(), tasks, seeds))
     parts = [sampler.sample(policy, policy.params(), tasks[i:i + 1], seeds[i:i + 1]) for i in range(n)]
     assert equal(whole, type(whole).cat(parts))
+    assert whole.success is None  # neither family reports success
     other = sampler.sample(policy, policy.params(), tasks, task_seeds(3, 8, n=n))
     assert not torch.equal(whole.actions, other.actions)
 
@@ -180,3 +181,28 @@ def test_ray_sampler_replaces_a_killed_worker_and_completes_the_call(ray_local):
         assert victim not in sampler.worker_pids()  # the replacement is a new process
     finally:
         sampler.close()
+
+
+def test_meta_world_episodes_carry_success_flags():
+    env_id = "metarl/MetaWorld-ML1-v0"
+    sampler = VectorSampler(env_id, episodes_per_task=2, horizon=20, env_kwargs={"task_name": "reach-v3"})
+    policy = policy_for(sampler)
+    env = gym.make(env_id, task_name="reach-v3")
+    env.reset(seed=0)
+    tasks = env.unwrapped.sample_tasks(2)
+    ep = sampler.sample(policy, policy.params(), tasks, task_seeds(0, n=2)).check()
+    assert ep.success is not None and ep.success.shape == (2, 2)
+    assert set(ep.success.flatten().tolist()) <= {0.0, 1.0}
+    # replay episode 0 of task 1 in a plain env: the flag is whether info["success"] was ever true
+    seeds = task_seeds(0, n=2)
+    replay = gym.make(env_id, task_name="reach-v3").unwrapped
+    replay.set_task(tasks[1])
+    obs, _ = replay.reset(seed=int(np.random.SeedSequence(seeds[1]).generate_state(2)[0]))
+    np.testing.assert_allclose(obs, ep.observations[1, 0, 0].numpy(), rtol=0, atol=1e-6)
+    succeeded = 0.0
+    for t in range(20):
+        action = np.clip(ep.actions[1, t, 0].numpy(), -1, 1)
+        obs, reward, _, _, info = replay.step(action)
+        assert reward == pytest.approx(float(ep.rewards[1, t, 0]), rel=1e-5)
+        succeeded = max(succeeded, float(info["success"]))
+    assert float(ep.success[1, 0]) == succeeded

@@ -41,9 +41,9 @@ class OuterConfig:
 
 
 @dataclass
-class SamplerConfig:
-    workers: int = option(0, ge=0, doc="Ray rollout workers (0: sample in-process).")
-    address: str | None = option(None, doc="Ray cluster to join (e.g. auto); null: RAY_ADDRESS or a new local Ray.")
+class RayConfig:
+    workers: int = option(0, ge=0, doc="Ray rollout workers, one CPU each (0: sample in-process, no Ray).")
+    address: str | None = option(None, doc="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); null: RAY_ADDRESS, else a new local Ray.")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class RLConfig:
     policy: PolicyConfig = option(default_factory=PolicyConfig, doc="Policy network.")
     inner: InnerConfig = option(default_factory=InnerConfig, doc="Inner loop (adaptation).")
     outer: OuterConfig = option(default_factory=OuterConfig, doc="Outer loop (meta-update).")
-    sampler: SamplerConfig = option(default_factory=SamplerConfig, doc="Episode sampling.")
+    ray: RayConfig = option(default_factory=RayConfig, doc="Ray rollout workers (episode sampling).")
     eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
 
     def validate(self, prefix: str = "") -> None:
@@ -82,6 +82,8 @@ class RLConfig:
 
         if self.family not in envs.FAMILIES:
             raise field_error(prefix, "family", f"must be one of {sorted(envs.FAMILIES)}, got {self.family!r}")
+        if self.ray.address is not None and self.ray.workers == 0:
+            raise field_error(prefix, "ray.workers", "must be >= 1 to sample on the Ray cluster given by ray.address")
         if self.algorithm == "maml_trpo" and self.outer.optimizer != "trpo":
             raise field_error(prefix, "outer.optimizer", "maml_trpo needs trpo (use algorithm fomaml for adam)")
 

@@ -96,10 +96,10 @@ class RLExperiment:
         e = episodes or cfg.episodes_per_task
         key = (test and cfg.family.startswith("MetaWorld"), e)
         if key not in self._samplers:
-            if cfg.sampler.workers > 0:
+            if cfg.ray.workers > 0:
                 self._samplers[key] = RaySampler(cfg.env_id, policy=self.rollout_policy, episodes_per_task=e,
-                                                 num_workers=cfg.sampler.workers, horizon=cfg.horizon,
-                                                 env_kwargs=env_kwargs, address=cfg.sampler.address,
+                                                 num_workers=cfg.ray.workers, horizon=cfg.horizon,
+                                                 env_kwargs=env_kwargs, address=cfg.ray.address,
                                                  on_event=self._on_event)
             else:
                 self._samplers[key] = VectorSampler(cfg.env_id, episodes_per_task=e, horizon=cfg.horizon,
@@ -195,6 +195,9 @@ class RLExperiment:
         row["return/post_adapt_std"] = float(returns[-1].std()) if len(tasks) > 1 else 0.0
         for s, r in enumerate(returns[1:], start=1):
             row[f"return/post_adapt_step{s}"] = float(r.mean())
+        if valid.episodes.success is not None:  # Meta-World
+            row["success/pre_adapt"] = float(train[0].episodes.success.mean())
+            row["success/post_adapt"] = float(valid.episodes.success.mean())
         row.update(update)
         row["env_steps"] = self.env_steps
         row["env_steps_per_s"] = steps / max(times["sampling"], 1e-9)

@@ -76,7 +76,7 @@ class _RolloutWorker:
                per_task: bool, lo: int, hi: int) -> dict[str, np.ndarray]:
         tensors = {k: torch.from_numpy(np.array(v[lo:hi] if per_task else v)) for k, v in params.items()}  # writable copies
         episodes = self.sampler.sample(self.policy, tensors, tasks, seeds, per_task=per_task)
-        return {k: v.numpy() for k, v in episodes._asdict().items()}
+        return {k: v.numpy() for k, v in episodes._asdict().items() if v is not None}
 
 
 class RaySampler:

@@ -86,6 +86,8 @@ class _ListBatch:
         self._rewards = np.zeros(num_envs)
         self._terminated = np.zeros(num_envs, dtype=bool)
         self._truncated = np.zeros(num_envs, dtype=bool)
+        self.success = np.zeros(num_envs, dtype=np.float32)  # info["success"] seen in the episode
+        self.reports_success = False
 
     def set_tasks(self, tasks: Sequence[dict[str, Any]]) -> None:
         for env, task in zip(self.envs, tasks):
@@ -94,6 +96,7 @@ class _ListBatch:
     def reset(self, seeds: Sequence[int]) -> np.ndarray:
         for i, (env, seed) in enumerate(zip(self.envs, seeds)):
             self._obs[i] = env.reset(seed=int(seed))[0]
+        self.success[:] = 0.0
         return self._obs.copy()
 
     def step(self, actions: np.ndarray, running: np.ndarray):
@@ -102,12 +105,17 @@ class _ListBatch:
         terminated[:] = False
         truncated[:] = False
         envs_ = self.envs
+        success = self.success
         for i in np.flatnonzero(running):
-            o, r, te, tr, _ = envs_[i].step(actions[i])
+            o, r, te, tr, info = envs_[i].step(actions[i])
             obs[i] = o
             rewards[i] = r
             terminated[i] = te
             truncated[i] = tr
+            if "success" in info:
+                self.reports_success = True
+                if info["success"]:
+                    success[i] = 1.0
         return obs.copy(), rewards.copy(), terminated.copy(), truncated.copy()
 
     def close(self) -> None:
@@ -248,6 +256,10 @@ class VectorSampler:
             if not running.any():
                 break
 
+        success = None
+        if getattr(batch, "reports_success", False):
+            success = torch.from_numpy(batch.success.copy()).view(n, e)
+
         def task_major(x: torch.Tensor) -> torch.Tensor:  # [H, N*E, ...] -> [N, H, E, ...]
             return x.reshape(h, n, e, *x.shape[2:]).transpose(0, 1).contiguous()
 
@@ -260,6 +272,7 @@ class VectorSampler:
             final_observations=torch.from_numpy(final_obs).view(n, e, obs_dim),
             terminated=torch.from_numpy(terminated_out).view(n, e),
             lengths=torch.from_numpy(lengths).view(n, e),
+            success=success,
         )
 
 
