@@ -251,6 +251,10 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         """How many tasks the split has (50 per env name)."""
         return len(self._all_tasks)
 
+    def all_tasks(self) -> list[dict[str, Any]]:
+        """Every task of the split, in order (``--task-index N`` of ``metarl adapt`` picks the N-th)."""
+        return [{"env_name": name, "index": index} for name, index in self._all_tasks]
+
     @property
     def metaworld_env(self):
         """The Meta-World env instance of the current task's env class."""

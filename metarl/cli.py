@@ -1,4 +1,4 @@
-"""The ``metarl`` command: ``metarl train | evaluate``.
+"""The ``metarl`` command: ``metarl train | evaluate | adapt``.
 
 Configs whose ``family`` is sinusoid or omniglot are few-shot experiments; any other family is
 a meta-RL experiment on ``metarl/<family>-v0``.
@@ -179,6 +179,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import warnings
+
+    from metarl.adapt import load
+    from metarl.run import RunError
+
+    if (args.task is None) == (args.task_index is None):
+        raise ConfigError("adapt needs exactly one of --task JSON (e.g. '{\"velocity\": 1.3}') or --task-index N")
+    if args.episodes < 1 or args.steps < 0:
+        raise ConfigError(f"--episodes must be >= 1 and --steps >= 0, got {args.episodes} and {args.steps}")
+    meta = load(args.run_dir)
+    if args.task is not None:
+        try:
+            task = json.loads(args.task)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--task is not valid JSON ({exc.msg} at column {exc.colno}): {args.task}") from None
+        if not isinstance(task, dict):
+            raise ConfigError(f"--task must be a JSON object such as '{{\"velocity\": 1.3}}', got {args.task}")
+    else:
+        task = meta.task_by_index(args.task_index)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted = meta.adapt(task, episodes=args.episodes, steps=args.steps, seed=args.seed)
+    for w in caught:
+        if "training range" in str(w.message):
+            print(f"metarl: warning: {w.message}", file=sys.stderr)
+    print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} with {args.episodes} episodes per step")
+    print(f"{'step':>5}  {'return':>10}")
+    for step, value in enumerate(adapted.returns):
+        print(f"{step:>5}  {value:>10.2f}")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "adapted" / time.strftime("%Y%m%d-%H%M%S")
+    adapted.save(out)
+    print(f"adapted policy: {out}  (metarl.load_adapted('{out}'))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarl", description="metarl: a meta-reinforcement-learning lab")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,10 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, help="inner steps (default: eval.steps of the run)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the held-out task draw (default 0)")
     ev.set_defaults(func=cmd_evaluate)
+
+    ad = sub.add_parser("adapt", help="adapt a meta-trained policy to a new task",
+                        description="Sample episodes of the meta-policy on a new task, take the inner-loop steps, print "
+                                    "the return before and after each step and save the adapted policy.")
+    ad.add_argument("run_dir", metavar="RUN_DIR")
+    ad.add_argument("--task", help="the task as JSON, e.g. '{\"velocity\": 1.3}' (outside the training range: a warning)")
+    ad.add_argument("--task-index", type=int, help="Meta-World: the N-th task of the test split")
+    ad.add_argument("--episodes", type=int, default=20, help="episodes per adaptation step (default 20)")
+    ad.add_argument("--steps", type=int, default=1, help="inner-loop steps (default 1)")
+    ad.add_argument("--seed", type=int, default=0, help="seed of the episodes (default 0)")
+    ad.add_argument("--out", help="where to save the adapted policy (default RUN_DIR/adapted/TIMESTAMP)")
+    ad.set_defaults(func=cmd_adapt)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from envs.base import InvalidTask
     from metarl.fewshot.omniglot import OmniglotDataNotFound
     from metarl.run import RunError
 
@@ -219,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         args.args = list(args.args) + extra
     try:
         return args.func(args)
+    except InvalidTask as exc:
+        print(f"metarl: error: invalid task: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, RunError, OmniglotDataNotFound) as exc:
         print(f"metarl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,199 @@
+"""Adapt a meta-trained policy to a new task from a few episodes, from Python or the CLI.
+
+    import metarl
+    meta = metarl.load("runs/halfcheetah-vel")                # the meta-policy of a run
+    adapted = meta.adapt({"velocity": 1.3}, episodes=20, steps=1)
+    adapted.returns                                            # mean return before / after each step
+    env = adapted.make_env()                                   # a plain gymnasium env on that task
+    obs, _ = env.reset(seed=0)
+    action = adapted.act(obs, deterministic=True)
+    adapted.save("runs/halfcheetah-vel/adapted/v1.3")          # reload with metarl.load_adapted(...)
+
+Adaptation is the run's own inner loop: ``episodes`` episodes of the current policy on the task,
+the linear-baseline advantages, one policy-gradient step with the run's inner learning rate;
+repeated ``steps`` times with fresh episodes, then a last batch of episodes measures the return
+of the final policy. A task outside the family's training range is allowed with a warning;
+a malformed task raises :class:`envs.base.InvalidTask` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import envs  # noqa: F401
+from envs.base import InvalidTask, TaskOutOfRange
+from metarl.atomic import atomic_open
+from metarl.run import CHECKPOINT, CONFIG, RunError
+
+ADAPTED_POLICY = "policy.pt"
+ADAPTED_INFO = "adapted.json"
+
+
+def _check_task(env_id: str, env_kwargs: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``task`` for the family; warn (not fail) when it is outside the training range."""
+    env = gym.make(env_id, **env_kwargs).unwrapped
+    try:
+        env.set_task(task)
+    except TaskOutOfRange as exc:
+        warnings.warn(f"task outside the training range: {exc}; adapting anyway", stacklevel=3)
+        env.set_task(task, allow_out_of_range=True)
+    finally:
+        env.close()
+    return env.get_task()
+
+
+class _Acting:
+    """``act(obs)`` for a policy module and parameter dict (numpy in, numpy out)."""
+
+    policy: torch.nn.Module
+    params: dict[str, torch.Tensor]
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        """Action(s) for an observation ``[obs_dim]`` or a batch ``[B, obs_dim]``; continuous
+        actions are clipped to the action space."""
+        x = torch.as_tensor(np.asarray(obs), dtype=torch.float32)
+        dist = self.policy(x, self.params)
+        if deterministic:
+            action = dist.mean if not self.policy.discrete else dist.probs.argmax(-1)
+        else:
+            action = dist.sample()
+        action = action.numpy()
+        space = self.action_space
+        if isinstance(space, gym.spaces.Box):
+            action = np.clip(action, space.low, space.high).astype(space.dtype)
+        return action
+
+
+class MetaPolicy(_Acting):
+    """The meta-trained policy of a run directory (see :func:`load`)."""
+
+    def __init__(self, run_dir: Path, experiment) -> None:
+        self.run_dir = run_dir
+        self.experiment = experiment
+        self.cfg = experiment.cfg
+        self.policy = experiment.policy.cpu()
+        self.params = {k: v.detach() for k, v in self.policy.named_parameters()}
+        self.action_space = experiment.task_envs[0].action_space
+
+    def task_by_index(self, index: int, *, test: bool = True) -> dict[str, Any]:
+        """The ``index``-th task of a Meta-World split (test split by default)."""
+        env = self.experiment.task_envs[2 if test else 0]
+        if not hasattr(env, "all_tasks"):
+            raise InvalidTask(f"--task-index needs a family with a fixed task list (Meta-World); {self.cfg.family} "
+                              "takes a task dict (--task)")
+        tasks = env.all_tasks()
+        if not 0 <= index < len(tasks):
+            raise InvalidTask(f"task index must be in [0, {len(tasks) - 1}] for this split, got {index}")
+        return tasks[index]
+
+    def adapt(self, task: dict[str, Any] | gym.Env, *, episodes: int = 20, steps: int = 1, seed: int = 0,
+              test_split: bool = True) -> AdaptedPolicy:
+        """Adapt to ``task`` (a task dict, or an env of the family whose current task is used)."""
+        from metarl.functional import inner_lrs
+        from metarl.rl.experiment import TEST
+
+        if isinstance(task, gym.Env):
+            task = task.unwrapped.get_task()
+        if episodes < 1 or steps < 0:
+            raise ValueError(f"episodes must be >= 1 and steps >= 0, got episodes={episodes}, steps={steps}")
+        exp = self.experiment
+        env_kwargs = dict(self.cfg.env)
+        if test_split and self.cfg.family.startswith("MetaWorld"):
+            env_kwargs["split"] = "test"
+        task = _check_task(self.cfg.env_id, env_kwargs, task)
+        saved = exp.learner.inner.lrs
+        exp.learner.inner.lrs = inner_lrs(self.cfg.inner.lr, steps)
+        try:
+            sampler = exp.sampler(test=test_split, episodes=episodes)
+            train, final, _ = exp.adapt_and_sample([task], (TEST, 7, seed), steps, sampler=sampler)
+            theta = {k: v.detach() for k, v in exp.policy.named_parameters()}
+            with torch.no_grad():
+                phi = exp.learner.inner.adapt(theta, train, first_order=True) if train else theta
+        finally:
+            exp.learner.inner.lrs = saved
+        params = {k: (v[0] if train else v).detach().cpu().clone() for k, v in phi.items()}
+        returns = [float(d.episodes.returns_per_episode().mean()) for d in train + [final]]
+        return AdaptedPolicy(self.policy, params, task=task, returns=returns, episodes=episodes,
+                             run_dir=self.run_dir, cfg=self.cfg, action_space=self.action_space)
+
+
+class AdaptedPolicy(_Acting):
+    """A policy adapted to one task: ``act``, ``returns`` (before and after each step), ``save``."""
+
+    def __init__(self, policy: torch.nn.Module, params: dict[str, torch.Tensor], *, task: dict[str, Any],
+                 returns: list[float], episodes: int, run_dir: Path, cfg, action_space) -> None:
+        self.policy = policy
+        self.params = params
+        self.task = task
+        self.returns = returns
+        self.episodes = episodes
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.action_space = action_space
+
+    def make_env(self, **kwargs: Any) -> gym.Env:
+        """A gymnasium env of the family set to this task (``gymnasium.make`` arguments pass through)."""
+        env_kwargs = dict(self.cfg.env)
+        if self.cfg.family.startswith("MetaWorld"):
+            env_kwargs["split"] = "test"
+        env = gym.make(self.cfg.env_id, **{**env_kwargs, **kwargs})
+        env.unwrapped.set_task(self.task, allow_out_of_range=True)
+        return env
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``policy.pt`` (the adapted parameters) and ``adapted.json`` (task, returns, source run)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_open(out / ADAPTED_POLICY, "wb") as f:
+            torch.save({"model": {k: v.clone() for k, v in self.params.items()}}, f)
+        info = {"run_dir": str(self.run_dir.resolve()), "family": self.cfg.family, "env": self.cfg.env,
+                "task": self.task, "episodes": self.episodes, "steps": len(self.returns) - 1,
+                "returns": self.returns}
+        with atomic_open(out / ADAPTED_INFO, "w") as f:
+            f.write(json.dumps(info, indent=2) + "\n")
+        return out
+
+
+def load(run_dir: str | Path) -> MetaPolicy:
+    """The meta-policy of a meta-RL run directory (its latest checkpoint)."""
+    from metarl.cli import _load
+    from metarl.rl.config import RLConfig
+    from metarl.rl.experiment import restore
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG})")
+    cfg = _load(run_dir / CONFIG, [])
+    if not isinstance(cfg, RLConfig):
+        raise RunError(f"{run_dir} is a few-shot run ({cfg.family}); use metarl.fewshot.classifier.FewShotClassifier")
+    cfg.device = "cpu"
+    cfg.ray.workers = 0  # adaptation of one task samples in-process
+    cfg.ray.address = None
+    exp, _ = restore(cfg, run_dir)
+    return MetaPolicy(run_dir, exp)
+
+
+def load_adapted(out_dir: str | Path) -> AdaptedPolicy:
+    """An adapted policy saved by :meth:`AdaptedPolicy.save` (or ``metarl adapt --out``)."""
+    from metarl.run import load_checkpoint
+
+    out = Path(out_dir)
+    info_path = out / ADAPTED_INFO
+    if not info_path.is_file():
+        raise RunError(f"{out} holds no {ADAPTED_INFO}: not an adapted-policy directory (metarl adapt --out DIR)")
+    info = json.loads(info_path.read_text())
+    meta = load(info["run_dir"])
+    state = torch.load(out / ADAPTED_POLICY, map_location="cpu", weights_only=True)
+    params = {k: v for k, v in state["model"].items()}
+    if set(params) != set(meta.params) or any(params[k].shape != meta.params[k].shape for k in params):
+        raise RunError(f"{out / ADAPTED_POLICY} does not fit the policy of {info['run_dir']}")
+    return AdaptedPolicy(meta.policy, params, task=info["task"], returns=info["returns"], episodes=info["episodes"],
+                         run_dir=Path(info["run_dir"]), cfg=meta.cfg, action_space=meta.action_space)
