@@ -533,3 +533,12 @@ def test_every_experiment_config_loads_and_is_named_after_its_algorithm(path):
         from metarl.rl.config import RLConfig
 
         assert isinstance(cfg, RLConfig) and path.stem == cfg.algorithm
+
+
+def test_readme_config_reference_matches_the_code():
+    from metarl.config import describe
+    from metarl.rl.config import RLConfig
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    for cls in (FewShotConfig, RLConfig):
+        assert describe(cls).strip() in readme, f"README's config reference is stale for {cls.__name__}"
