@@ -31,7 +31,7 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import torch
@@ -39,6 +39,10 @@ from torch import nn
 
 from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy
 from metarl.atomic import atomic_open
+
+if TYPE_CHECKING:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecEnv
 
 Policy = GaussianMLPPolicy | CategoricalMLPPolicy
 
@@ -52,23 +56,25 @@ _RESERVED_PPO_KWARGS = ("policy", "env", "policy_kwargs")
 
 def to_sb3(
     policy: Policy,
-    env: gym.Env | Any | str,
+    env: gym.Env | VecEnv | str,
     *,
+    params: Mapping[str, torch.Tensor] | None = None,
     path: str | os.PathLike | None = None,
     env_kwargs: Mapping[str, Any] | None = None,
     vf_hidden: Sequence[int] | None = None,
     ppo_kwargs: Mapping[str, Any] | None = None,
-) -> Any:
+) -> PPO:
     """A :class:`stable_baselines3.PPO` model whose actor equals ``policy``.
 
     Args:
-        policy: the metarl policy to copy (its own parameters; an adapted parameter dict can be
-            loaded into a copy with ``load_state_dict`` first).
+        policy: the metarl policy to copy.
         env: a gymnasium env, an SB3 ``VecEnv``, or a registered env id; an id is made with
             ``gymnasium.make(env, **env_kwargs)`` (``metarl/...`` ids are registered by importing
             ``envs``, which this does). Its observation space must be ``Box(shape=(obs_dim,))``
             and its action space must match the policy: ``Box(shape=(act_dim,))`` for a
             :class:`GaussianMLPPolicy`, ``Discrete(num_actions)`` for a :class:`CategoricalMLPPolicy`.
+        params: parameters to copy instead of the policy's own, e.g. an inner-loop adapted dict
+            (same names and shapes as ``policy.named_parameters()``; no task dimension).
         path: if given, the model is also saved there as an SB3 zip, atomically (a temp file in
             the same directory, renamed over ``path``). The file is written at exactly ``path``
             (SB3 adds no ``.zip`` suffix); ``PPO.load(path)`` reads it.
@@ -80,8 +86,7 @@ def to_sb3(
             policies). ``policy``, ``env`` and ``policy_kwargs`` are set here and may not be given.
 
     Returns:
-        The PPO model, on its ``device``, with ``model.policy`` in eval-equivalent state (the MLP
-        has no dropout or normalisation, so train/eval modes act the same).
+        The PPO model (not trained; ``model.learn`` fine-tunes it).
     """
     from stable_baselines3 import PPO
 
@@ -98,6 +103,7 @@ def to_sb3(
 
         env = gym.make(env, **dict(env_kwargs or {}))
     _check_spaces(policy, env.observation_space, env.action_space)
+    source = _source_params(policy, params)
 
     hidden = list(policy.hidden)
     policy_kwargs: dict[str, Any] = {
@@ -107,18 +113,18 @@ def to_sb3(
     log_std = None
     if isinstance(policy, GaussianMLPPolicy):
         # what the metarl policy uses: log_std clamped at its min_std
-        log_std = policy.log_std.detach().clamp(min=policy.min_log_std)
+        log_std = source["log_std"].detach().clamp(min=policy.min_log_std)
         policy_kwargs["log_std_init"] = float(log_std.mean())
     ppo_kwargs.setdefault("device", "cpu")
     model = PPO("MlpPolicy", env, policy_kwargs=policy_kwargs, **ppo_kwargs)
 
     sb3 = model.policy
     linears = [m for m in sb3.mlp_extractor.policy_net if isinstance(m, nn.Linear)]
-    ours = [*policy.layers, policy.out]
+    names = [*(f"layers.{i}" for i in range(len(policy.layers))), "out"]
     with torch.no_grad():
-        for dst, src in zip([*linears, sb3.action_net], ours, strict=True):
-            dst.weight.copy_(src.weight)
-            dst.bias.copy_(src.bias)
+        for dst, name in zip([*linears, sb3.action_net], names, strict=True):
+            dst.weight.copy_(source[f"{name}.weight"])
+            dst.bias.copy_(source[f"{name}.bias"])
         if log_std is not None:
             sb3.log_std.copy_(log_std)
     if path is not None:
@@ -229,6 +235,20 @@ def from_sb3(model: Any) -> Policy:
         if log_std is not None:
             ours.log_std.copy_(log_std)
     return ours
+
+
+def _source_params(policy: Policy, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """``params`` (checked against the policy's own names and shapes), or the policy's parameters."""
+    own = policy.params()
+    if params is None:
+        return own
+    if set(params) != set(own):
+        raise ValueError(f"params must have the policy's parameter names {sorted(own)}, got {sorted(params)}")
+    for name, value in own.items():
+        if tuple(params[name].shape) != tuple(value.shape):
+            raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)}, the policy's is {tuple(value.shape)} "
+                             "(task-batched parameter dicts convert one task at a time: pass {k: v[i] for k, v in params.items()})")
+    return dict(params)
 
 
 def _check_spaces(policy: Policy, obs_space: gym.Space, act_space: gym.Space) -> None:

@@ -2,7 +2,8 @@
 
 - :func:`plot_runs`: one subplot per metric key, one line per run directory, x = iteration,
   read from each run's ``metrics.jsonl``; a ``<key>_std`` column, when logged, is drawn as a
-  shaded mean +- std band.
+  shaded mean +- std band. A key logged only every few iterations (validation) is drawn through
+  the iterations that log it.
 - :func:`plot_adaptation`: an evaluation result (metric by number of adaptation steps, with
   95% confidence intervals), one line per method.
 
@@ -38,8 +39,7 @@ def moving_average(values: Sequence[float | None], window: int) -> np.ndarray:
     left out of each mean; an entry whose whole window is missing is NaN. ``window=1`` returns
     the values unchanged (as floats, missing ones as NaN).
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"smoothing window must be an int >= 1, got {window!r}")
+    _check_window(window)
     x = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     ok = np.isfinite(x)
     total = np.concatenate([[0.0], np.cumsum(np.where(ok, x, 0.0))])
@@ -66,6 +66,26 @@ def default_keys(rows_by_run: Sequence[Sequence[Mapping[str, Any]]]) -> list[str
     return [k for k in FEWSHOT_KEYS if k in present] + val
 
 
+def curve_of(
+    rows: Sequence[Mapping[str, Any]], key: str, *, smooth: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """One run's curve for ``key``: ``(x, y, std)``, each ``[points]``, or None if never logged.
+
+    Only the rows that log ``key`` count (a key logged every k iterations gives one joined
+    line); x is their ``iteration`` (the row index where a row has none); y and the
+    ``<key>_std`` band (None when no such row logs it) are smoothed with :func:`moving_average`.
+    """
+    logged = [(row.get("iteration", i), row) for i, row in enumerate(rows) if row.get(key) is not None]
+    if not logged:
+        return None
+    x = np.array([it for it, _ in logged], dtype=np.float64)
+    y = moving_average([row[key] for _, row in logged], smooth)
+    std = None
+    if any(row.get(key + STD_SUFFIX) is not None for _, row in logged):
+        std = moving_average([row.get(key + STD_SUFFIX) for _, row in logged], smooth)
+    return x, y, std
+
+
 def plot_runs(
     run_dirs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -82,8 +102,10 @@ def plot_runs(
         keys: metric keys, one subplot each, in this order. Default: :func:`default_keys`
             (pre/post-adaptation returns for RL runs, losses and ``val/*_post_adapt`` for few-shot
             runs). A key logged by only some runs is drawn for those.
-        smooth: trailing moving-average window in iterations (:func:`moving_average`), applied
-            to the curves and to their ``<key>_std`` bands; 1 draws the raw values.
+        smooth: trailing moving-average window (:func:`moving_average`) in logged points of
+            each key (a key logged every k iterations is averaged over its last ``smooth``
+            values), applied to the curves and to their ``<key>_std`` bands; 1 draws the raw
+            values.
 
     Raises:
         ValueError: no run dirs; a run dir without ``metrics.jsonl`` or without rows; a key
@@ -92,7 +114,7 @@ def plot_runs(
     """
     if not run_dirs:
         raise ValueError("run_dirs is empty: give at least one run directory holding metrics.jsonl")
-    moving_average([], smooth)  # validates smooth before any file is read
+    _check_window(smooth)
     dirs = [Path(d) for d in run_dirs]
     rows_by_run = [_read_rows(d) for d in dirs]
     available = sorted(_numeric_keys(rows_by_run))
@@ -114,13 +136,12 @@ def plot_runs(
     fig, axes = _grid(len(keys))
     for ax, key in zip(axes, keys):
         for rows, label in zip(rows_by_run, labels):
-            if not any(key in row for row in rows):
+            curve = curve_of(rows, key, smooth=smooth)
+            if curve is None:
                 continue
-            x = np.array([row.get("iteration", i) for i, row in enumerate(rows)], dtype=np.float64)
-            y = moving_average([row.get(key) for row in rows], smooth)
-            (line,) = ax.plot(x, y, label=label, linewidth=1.2)
-            if any(key + STD_SUFFIX in row for row in rows):
-                std = moving_average([row.get(key + STD_SUFFIX) for row in rows], smooth)
+            x, y, std = curve
+            (line,) = ax.plot(x, y, label=label, linewidth=1.2, marker="o" if len(x) == 1 else None)
+            if std is not None:
                 ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(key + (f" (moving average, {smooth})" if smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("iteration")
@@ -191,6 +212,11 @@ def plot_adaptation(result: Mapping[str, Any], out: str | os.PathLike, *, title:
 # ------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------
+
+
+def _check_window(window: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"smoothing window must be an int >= 1, got {window!r}")
 
 
 def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
