@@ -1,4 +1,4 @@
-"""The ``metarl`` command: ``metarl train | evaluate | adapt``.
+"""The ``metarl`` command: ``metarl train | evaluate | adapt | plot | export``.
 
 Configs whose ``family`` is sinusoid or omniglot are few-shot experiments; any other family is
 a meta-RL experiment on ``metarl/<family>-v0``.
@@ -215,6 +215,41 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from metarl.plot import plot_runs
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "curves.png"
+    try:
+        keys = plot_runs([Path(d) for d in args.run_dirs], out, keys=args.keys, smooth=args.smooth)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"wrote {out} ({', '.join(keys)})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from metarl.adapt import ADAPTED_INFO, load, load_adapted
+    from metarl.export import to_sb3
+
+    source = Path(args.source)
+    if (source / ADAPTED_INFO).is_file():
+        adapted = load_adapted(source)
+        policy, params, cfg = adapted.policy, adapted.params, adapted.cfg
+        what = f"the policy adapted to {json.dumps(adapted.task)}"
+    else:
+        meta = load(source)
+        policy, params, cfg = meta.policy, meta.params, meta.cfg
+        what = "the meta-policy"
+    env_kwargs = dict(cfg.env)
+    try:
+        to_sb3(policy, cfg.env_id, params=params, env_kwargs=env_kwargs, path=Path(args.sb3))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"wrote {args.sb3}: {what} of {source} as a stable-baselines3 PPO model "
+          f"(PPO.load('{args.sb3}'); the value network is freshly initialised)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarl", description="metarl: a meta-reinforcement-learning lab")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--seed", type=int, default=0, help="seed of the episodes (default 0)")
     ad.add_argument("--out", help="where to save the adapted policy (default RUN_DIR/adapted/TIMESTAMP)")
     ad.set_defaults(func=cmd_adapt)
+
+    pl = sub.add_parser("plot", help="PNG learning curves of one or more runs",
+                        description="Plot the learning curves of runs (metrics.jsonl) into one PNG.")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/curves.png of the first run)")
+    pl.add_argument("--keys", nargs="+", help="metric keys (default: returns before/after adaptation, or few-shot losses)")
+    pl.add_argument("--smooth", type=int, default=1, help="moving-average window (default 1: none)")
+    pl.set_defaults(func=cmd_plot)
+
+    ex = sub.add_parser("export", help="export a meta-policy or an adapted policy to stable-baselines3",
+                        description="Write the policy of a run (or of a `metarl adapt --out` directory) as a "
+                                    "stable-baselines3 PPO zip with the same MLP.")
+    ex.add_argument("source", metavar="RUN_OR_ADAPTED_DIR")
+    ex.add_argument("--sb3", required=True, metavar="OUT.zip", help="the PPO zip to write")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 

@@ -85,3 +85,29 @@ def test_bad_tasks_are_named_and_out_of_range_warns(run_dir, tmp_path):
     assert any("training range" in str(w.message) for w in caught)
     result = metarl_cli("adapt", str(tmp_path), "--task", '{"goal": [0.3, 0.3]}')
     assert result.returncode == 2 and "not a metarl run directory" in result.stderr
+
+
+def test_cli_export_writes_an_sb3_model_that_acts_like_the_policy(run_dir, tmp_path):
+    from stable_baselines3 import PPO
+
+    adapted_dir = tmp_path / "adapted"
+    assert metarl_cli("adapt", str(run_dir), "--task", '{"goal": [0.1, 0.4]}', "--episodes", "2",
+                      "--out", str(adapted_dir)).returncode == 0
+    obs = np.random.default_rng(1).uniform(-0.5, 0.5, size=(8, 2)).astype(np.float32)
+    for source, policy in ((run_dir, metarl.load(run_dir)), (adapted_dir, metarl.load_adapted(adapted_dir))):
+        zip_path = tmp_path / f"{source.name}.zip"
+        result = metarl_cli("export", str(source), "--sb3", str(zip_path))
+        assert result.returncode == 0, result.stderr
+        model = PPO.load(zip_path, device="cpu")
+        np.testing.assert_allclose(model.predict(obs, deterministic=True)[0], policy.act(obs), rtol=0, atol=1e-6)
+    result = metarl_cli("export", str(tmp_path / "nothing"), "--sb3", str(tmp_path / "x.zip"))
+    assert result.returncode == 2 and "not a metarl run directory" in result.stderr
+
+
+def test_cli_plot_writes_a_png(run_dir, tmp_path):
+    out = tmp_path / "curves.png"
+    result = metarl_cli("plot", str(run_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "return/pre_adapt" in result.stdout
+    result = metarl_cli("plot", str(run_dir), "--keys", "return/nope")
+    assert result.returncode == 2 and "return/nope" in result.stderr
