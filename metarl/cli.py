@@ -161,7 +161,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     steps = cfg.eval.steps if args.steps is None else args.steps
     num_tasks = cfg.eval.num_tasks if args.num_tasks is None else args.num_tasks
     t0 = time.perf_counter()
+    if args.baselines and hasattr(cfg, "omniglot"):
+        raise ConfigError("--baselines compares meta-RL policies; this is a few-shot run")
     try:
+        if args.baselines:
+            return _evaluate_baselines(args, exp, run_dir, iteration, num_tasks, steps)
         result = exp.evaluate(num_tasks=num_tasks, steps=steps, seed=args.seed)
     finally:
         if hasattr(exp, "close"):
@@ -250,6 +254,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_baselines(args, exp, run_dir: Path, iteration: int, num_tasks: int, steps: int) -> int:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from metarl.plot import plot_adaptation
+    from metarl.rl.comparisons import evaluate_with_baselines
+
+    pretrain = args.pretrain_steps if args.pretrain_steps is not None else min(exp.env_steps, 1_000_000)
+    if pretrain < 1 or args.oracle_steps < 1 or (args.oracle_tasks is not None and args.oracle_tasks < 1):
+        raise ConfigError("--pretrain-steps, --oracle-steps and --oracle-tasks must be >= 1")
+    oracle_tasks = min(args.oracle_tasks or num_tasks, num_tasks)
+    t0 = time.perf_counter()
+    result = evaluate_with_baselines(exp, num_tasks=num_tasks, steps=steps, seed=args.seed, pretrain_steps=pretrain,
+                                     oracle_steps=args.oracle_steps, oracle_tasks=oracle_tasks,
+                                     log=lambda m: print(f"  {m} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr))
+    result["iteration"] = iteration
+    print(f"{run_dir} at iteration {iteration}: return on {num_tasks} held-out tasks after 0..{steps} adaptation steps")
+    print(f"{'method':<12} " + "  ".join(f"{'step ' + str(s):>16}" for s in result["steps"]))
+    for name, m in result["methods"].items():
+        print(f"{name:<12} " + "  ".join(f"{mu:>8.2f} +- {ci:<5.2f}" for mu, ci in zip(m["mean"], m["ci95"])))
+    text = json.dumps(result, indent=2) + "\n"
+    for path in [run_dir / "eval_baselines.json"] + ([Path(args.json)] if args.json else []):
+        with atomic_open(path, "w") as f:
+            f.write(text)
+    plot_adaptation(result, run_dir / "eval_baselines.png", title=f"{run_dir.name}: return by adaptation step")
+    writer = SummaryWriter(log_dir=str(run_dir / "eval"))
+    for name, m in result["methods"].items():
+        for s, value in zip(result["steps"], m["mean"]):
+            writer.add_scalar(f"eval/return_{name}", value, s)
+    writer.close()
+    print(f"wrote {run_dir / 'eval_baselines.json'}, {run_dir / 'eval_baselines.png'} and TensorBoard curves "
+          f"(eval/return_<method>, step = adaptation step)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarl", description="metarl: a meta-reinforcement-learning lab")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-tasks", type=int, help="held-out tasks (default: eval.num_tasks of the run, 600)")
     ev.add_argument("--steps", type=int, help="inner steps (default: eval.steps of the run)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the held-out task draw (default 0)")
+    ev.add_argument("--baselines", action="store_true",
+                    help="meta-RL: also score a random init, a multi-task PPO policy (both adapted with the same inner "
+                         "loop), PPO from scratch with the adaptation's budget and a long-trained PPO oracle")
+    ev.add_argument("--pretrain-steps", type=int, help="--baselines: PPO steps of the multi-task policy "
+                    "(default: the run's env steps, at most 1,000,000)")
+    ev.add_argument("--oracle-steps", type=int, default=200_000, help="--baselines: PPO steps per oracle task (default 200k)")
+    ev.add_argument("--oracle-tasks", type=int, help="--baselines: how many of the tasks get an oracle (default: all)")
     ev.set_defaults(func=cmd_evaluate)
 
     ad = sub.add_parser("adapt", help="adapt a meta-trained policy to a new task",

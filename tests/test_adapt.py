@@ -111,3 +111,23 @@ def test_cli_plot_writes_a_png(run_dir, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "return/pre_adapt" in result.stdout
     result = metarl_cli("plot", str(run_dir), "--keys", "return/nope")
     assert result.returncode == 2 and "return/nope" in result.stderr
+
+
+def test_evaluate_with_baselines_scores_every_method_on_a_tiny_budget(run_dir, tmp_path):
+    out = tmp_path / "baselines.json"
+    result = metarl_cli("evaluate", str(run_dir), "--baselines", "--num-tasks", "2", "--steps", "1",
+                        "--pretrain-steps", "400", "--oracle-steps", "400", "--oracle-tasks", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    ev = json.loads(out.read_text())
+    assert ev["metric"] == "return" and ev["steps"] == [0, 1] and ev["num_tasks"] == 2
+    assert set(ev["methods"]) == {"meta", "random_init", "pretrained", "ppo_scratch", "oracle"}
+    for name, m in ev["methods"].items():
+        assert len(m["mean"]) == len(m["ci95"]) == 2 and all(np.isfinite(m["mean"])), name
+    assert ev["methods"]["oracle"]["num_tasks"] == 1 and ev["methods"]["oracle"]["mean"][0] == ev["methods"]["oracle"]["mean"][1]
+    assert ev["methods"]["pretrained"]["pretrain_env_steps"] == 400
+    # the meta row is exactly `metarl evaluate` on the same tasks
+    plain = tmp_path / "plain.json"
+    assert metarl_cli("evaluate", str(run_dir), "--num-tasks", "2", "--steps", "1", "--json", str(plain)).returncode == 0
+    assert json.loads(plain.read_text())["mean"] == ev["methods"]["meta"]["mean"]
+    assert (run_dir / "eval_baselines.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run_dir / "eval").glob("events.out.tfevents.*"))
