@@ -24,7 +24,7 @@ NAV = "metarl/Navigation2D-v0"
 
 
 def double(ep: Episodes) -> Episodes:
-    return Episodes(*(x.double() if x.is_floating_point() else x for x in ep))
+    return Episodes(*(x.double() if x is not None and x.is_floating_point() else x for x in ep))
 
 
 def tiny_batch(n=3, e=4, horizon=12, seed=0, hidden=(8,), lr=0.5):
