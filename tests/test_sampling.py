@@ -83,10 +83,11 @@ def test_categorical_policy_samples_by_inverse_cdf():
     assert gaussian.noise((5, 4), torch.Generator().manual_seed(0)).shape == (5, 4, 2)
 
 
-@pytest.mark.parametrize("env_id", [NAV, CHEETAH])
-def test_same_seed_same_episodes_whatever_the_grouping(env_id):
-    sampler = VectorSampler(env_id, episodes_per_task=2, horizon=20)
-    policy = policy_for(sampler)
+@pytest.mark.parametrize("env_id, episodes, hidden", [(NAV, 2, (64, 64)), (CHEETAH, 2, (64, 64)), (CHEETAH, 3, (64, 64)),
+                                                     (CHEETAH, 5, (100, 100)), (NAV, 7, (10,))])
+def test_same_seed_same_episodes_whatever_the_grouping(env_id, episodes, hidden):
+    sampler = VectorSampler(env_id, episodes_per_task=episodes, horizon=20)
+    policy = policy_for(sampler, hidden=hidden)
     n = 4
     tasks, seeds = tasks_of(env_id, n), task_seeds(3, 7, n=n)
     whole = sampler.sample(policy, policy.params(), tasks, seeds)

@@ -22,6 +22,7 @@ keep the unclipped actions, whose log-probabilities they store.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -225,17 +226,22 @@ class VectorSampler:
         running = np.ones(m, dtype=bool)
         box = self.action_space if isinstance(self.action_space, gym.spaces.Box) else None
 
-        # The policy runs on episodes padded to a multiple of PAD per task, so every task's block
-        # of every elementwise op is a whole number of CPU vector lengths: no element goes
-        # through a scalar tail loop (whose rounding differs), and a task's numbers do not
-        # depend on how many tasks share the call.
-        e_pad = -(-e // PAD) * PAD
-        obs_pad = torch.zeros(n, e_pad, obs_dim)
-        noise = torch.cat([noise, noise.new_zeros(n, h, e_pad - e, *noise.shape[3:])], dim=2)
+        # Every elementwise op runs on tensors whose per-task block is a whole number of CPU
+        # vector lengths (PAD floats): no element goes through a scalar tail loop (whose rounding
+        # differs), so a task's numbers do not depend on how many tasks share the call. The
+        # trunk (hidden layers) runs on episodes padded to e_trunk per task, the distribution
+        # (mean/std/log-prob, a few floats per episode) on episodes padded to e_out.
+        # (the trunk's batched matmuls also get at least 8 rows per task: with fewer, the BLAS
+        # picks kernels whose rounding depends on the number of tasks, measured with 3 rows)
+        e_trunk = _padded(e, policy.hidden, rows=8)
+        e_out = _padded(e, (policy.out.out_features,))
+        obs_pad = torch.zeros(n, e_trunk, obs_dim)
+        noise = torch.cat([noise, noise.new_zeros(n, h, e_out - e, *noise.shape[3:])], dim=2)
         for t in range(h):
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
             obs_pad[:, :e] = obs_t.view(n, e, obs_dim)
-            dist = policy(obs_pad, params)
+            outputs = tuple(_pad_episodes(o[:, :e], e_out) for o in policy.outputs(obs_pad, params))
+            dist = policy.distribution(outputs)
             actions_pad = policy.actions_from_noise(dist, noise[:, t])
             actions, log_probs = actions_pad[:, :e], dist.log_prob(actions_pad)[:, :e]
             run_t = torch.from_numpy(running)
@@ -274,6 +280,23 @@ class VectorSampler:
             lengths=torch.from_numpy(lengths).view(n, e),
             success=success,
         )
+
+
+def _padded(e: int, widths, *, rows: int = 1) -> int:
+    """Smallest ``E' >= e``, a multiple of ``rows``, with ``E' * w`` a multiple of PAD for every width ``w``."""
+    step = rows
+    for w in widths:
+        need = PAD // math.gcd(PAD, int(w))
+        step = step * need // math.gcd(step, need)
+    return -(-e // step) * step
+
+
+def _pad_episodes(x: torch.Tensor, e_out: int) -> torch.Tensor:
+    """``[N, E, ...] -> [N, e_out, ...]`` with zeros appended along the episode dimension."""
+    if x.shape[1] == e_out:
+        return x.contiguous()
+    pad = x.new_zeros(x.shape[0], e_out - x.shape[1], *x.shape[2:])
+    return torch.cat([x, pad], dim=1)
 
 
 def _per_task(params: Mapping[str, torch.Tensor], n: int, per_task: bool) -> dict[str, torch.Tensor]:
