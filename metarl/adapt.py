@@ -36,6 +36,38 @@ ADAPTED_POLICY = "policy.pt"
 ADAPTED_INFO = "adapted.json"
 
 
+class VideoUnavailable(RuntimeError):
+    """No offscreen renderer (or a family that cannot render); the message says what to do."""
+
+
+def record_video(actor: _Acting, env: gym.Env, path: str | Path, *, seed: int = 0, fps: int = 30) -> Path:
+    """One deterministic episode of ``actor`` in ``env`` (made with ``render_mode="rgb_array"``)
+    as an animated GIF at ``path``; raises :class:`VideoUnavailable` when nothing can be rendered."""
+    from PIL import Image
+
+    try:
+        obs, _ = env.reset(seed=seed)
+        first = env.render()
+    except Exception as exc:  # OpenGL / EGL / OSMesa failures surface as many exception types
+        raise VideoUnavailable(
+            f"MuJoCo could not render offscreen ({type(exc).__name__}); set MUJOCO_GL=egl (with a GPU) or "
+            "MUJOCO_GL=osmesa (CPU, needs libOSMesa) and retry") from None
+    if first is None:
+        raise VideoUnavailable(f"{env.spec.id if env.spec else env} does not render images (no rgb_array mode)")
+    frames = [first]
+    done = False
+    while not done:
+        obs, _, terminated, truncated, _ = env.step(actor.act(obs, deterministic=True))
+        frames.append(env.render())
+        done = terminated or truncated
+    images = [Image.fromarray(f) for f in frames]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
 def _check_task(env_id: str, env_kwargs: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     """Validate ``task`` for the family; warn (not fail) when it is outside the training range."""
     env = gym.make(env_id, **env_kwargs).unwrapped
@@ -138,6 +170,22 @@ class AdaptedPolicy(_Acting):
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.action_space = action_space
+
+    def videos(self, out_dir: str | Path, *, meta: MetaPolicy | None = None, seed: int = 0) -> list[Path]:
+        """GIFs of one episode before (the meta-policy) and after adaptation, in ``out_dir``."""
+        meta = meta if meta is not None else load(self.run_dir)
+        out = Path(out_dir)
+        paths = []
+        for name, actor in (("before", meta), ("after", self)):
+            try:
+                env = self.make_env(render_mode="rgb_array")
+            except Exception as exc:
+                raise VideoUnavailable(f"{self.cfg.env_id} cannot render ({type(exc).__name__}: {exc})") from None
+            try:
+                paths.append(record_video(actor, env, out / f"{name}.gif", seed=seed))
+            finally:
+                env.close()
+        return paths
 
     def make_env(self, **kwargs: Any) -> gym.Env:
         """A gymnasium env of the family set to this task (``gymnasium.make`` arguments pass through)."""

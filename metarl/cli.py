@@ -216,6 +216,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run_dir) / "adapted" / time.strftime("%Y%m%d-%H%M%S")
     adapted.save(out)
     print(f"adapted policy: {out}  (metarl.load_adapted('{out}'))")
+    if args.video:
+        from metarl.adapt import VideoUnavailable
+
+        try:
+            paths = adapted.videos(out, meta=meta, seed=args.seed)
+            print(f"videos: {', '.join(str(p) for p in paths)}")
+        except VideoUnavailable as exc:
+            print(f"metarl: warning: no video: {exc}", file=sys.stderr)
     return 0
 
 
@@ -329,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--steps", type=int, default=1, help="inner-loop steps (default 1)")
     ad.add_argument("--seed", type=int, default=0, help="seed of the episodes (default 0)")
     ad.add_argument("--out", help="where to save the adapted policy (default RUN_DIR/adapted/TIMESTAMP)")
+    ad.add_argument("--video", action="store_true",
+                    help="also record one episode before and after adaptation as GIFs in the output directory "
+                         "(MuJoCo offscreen rendering; a warning, not an error, when no renderer is available)")
     ad.set_defaults(func=cmd_adapt)
 
     pl = sub.add_parser("plot", help="PNG learning curves of one or more runs",

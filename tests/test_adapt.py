@@ -131,3 +131,31 @@ def test_evaluate_with_baselines_scores_every_method_on_a_tiny_budget(run_dir, t
     assert json.loads(plain.read_text())["mean"] == ev["methods"]["meta"]["mean"]
     assert (run_dir / "eval_baselines.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run_dir / "eval").glob("events.out.tfevents.*"))
+
+
+def test_video_is_recorded_or_explained(run_dir, tmp_path):
+    import gymnasium as gym
+
+    from metarl.adapt import VideoUnavailable, record_video
+
+    # a family without a renderer: a clear message and exit status 0 (the adapted policy is saved)
+    result = metarl_cli("adapt", str(run_dir), "--task", '{"goal": [0.2, 0.2]}', "--episodes", "2", "--video",
+                        "--out", str(tmp_path / "a"))
+    assert result.returncode == 0 and "no video" in result.stderr and (tmp_path / "a" / "policy.pt").exists()
+
+    class Zero:
+        def act(self, obs, deterministic=True):
+            return np.zeros(6, dtype=np.float32)
+
+    env = gym.make("HalfCheetah-v5", render_mode="rgb_array", max_episode_steps=5)
+    try:
+        path = record_video(Zero(), env, tmp_path / "cheetah.gif")
+    except VideoUnavailable as exc:  # this machine has no OpenGL: the message says how to get one
+        assert "MUJOCO_GL" in str(exc)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as gif:
+            assert gif.n_frames == 6
+    finally:
+        env.close()
