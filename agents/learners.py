@@ -225,10 +225,18 @@ class MAMLTRPO:
         return params
 
     # -- one meta-update ---------------------------------------------------------------------
-    def step(self, train: Sequence[StepData], valid: StepData) -> dict[str, float]:
-        """One TRPO meta-update of the policy from a meta-batch's inner-step and validation data."""
+    def step(self, train: Sequence[StepData], valid: StepData, *, adapted: Params | None = None) -> dict[str, float]:
+        """One TRPO meta-update of the policy from a meta-batch's inner-step and validation data.
+
+        ``adapted``: the per-task parameters that sampled ``valid`` (the first-order inner loop
+        from the current ``theta``), if the caller has them: saves recomputing them.
+        """
         theta0 = self.theta()
-        old = self.old_outputs(theta0, train, valid)
+        if adapted is not None:
+            with torch.no_grad():
+                old = tuple(o.detach() for o in self.policy.outputs(valid.episodes.observations, adapted))
+        else:
+            old = self.old_outputs(theta0, train, valid)
         theta = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
         surrogate, kl = self.surrogate_and_kl(theta, train, valid, old)
         grads = torch.autograd.grad(surrogate, list(theta.values()))

@@ -261,3 +261,16 @@ def test_bad_rl_config_values_are_named(tmp_path):
     result = metarl("train", str(ROOT / "experiments/navigation2d/maml_trpo.yaml"), "--run-dir", str(tmp_path / "r3"),
                     "outer.trpo.max_kl=-1")
     assert result.returncode == 2 and "outer.trpo.max_kl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_passing_the_sampling_parameters_gives_the_same_update():
+    policy, learner, train, valid = tiny_batch(seed=6)
+    theta0 = {k: v.clone() for k, v in learner.theta().items()}
+    adapted = learner.inner.adapt(theta0, train, first_order=True)
+    a = learner.step(train, valid)
+    after_a = flatten(learner.theta()).clone()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            p.copy_(theta0[name])
+    b = learner.step(train, valid, adapted=adapted)
+    assert a == b and torch.equal(flatten(learner.theta()), after_a)

@@ -148,6 +148,7 @@ class RLExperiment:
             t1 = time.perf_counter()
             times["sampling"] += t1 - t0
             if s == steps:
+                self.last_adapted = params  # the parameters that sampled `data`
                 return train, data, times
             train.append(data)
             with torch.no_grad():
@@ -182,6 +183,8 @@ class RLExperiment:
         t1 = time.perf_counter()
         if isinstance(self.learner, ReptilePolicy):
             update = self.learner.step(train, it)
+        elif isinstance(self.learner, MAMLTRPO):
+            update = self.learner.step(train, valid, adapted=self.last_adapted)
         else:
             update = self.learner.step(train, valid)
         t2 = time.perf_counter()
