@@ -274,3 +274,21 @@ def test_passing_the_sampling_parameters_gives_the_same_update():
             p.copy_(theta0[name])
     b = learner.step(train, valid, adapted=adapted)
     assert a == b and torch.equal(flatten(learner.theta()), after_a)
+
+
+def test_ray_workers_give_the_same_run_as_in_process_sampling(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("family: HalfCheetahVel\nalgorithm: maml_trpo\nnum_iterations: 2\n")
+    runs = {}
+    for workers in (0, 2):
+        run = tmp_path / f"w{workers}"
+        result = metarl("train", str(cfg), "--run-dir", str(run), "--no-progress", *TINY, f"ray.workers={workers}")
+        assert result.returncode == 0, result.stderr
+        runs[workers] = run
+    a = torch.load(runs[0] / "checkpoint.pt", weights_only=True)
+    b = torch.load(runs[2] / "checkpoint.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    rows = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "env_steps_per_s"))}
+    assert [strip(r) for r in rows(runs[0])] == [strip(r) for r in rows(runs[2])]
