@@ -48,6 +48,7 @@ from torch import nn
 
 from metarl.episodes import Episodes
 from metarl.functional import Params, adapt
+from metarl.metalearners import linear_anneal
 from metarl.optim import conjugate_gradient, flatten, line_search, trpo_step_size, unflatten
 
 
@@ -322,8 +323,7 @@ class ReptilePolicy:
         self.num_iterations = num_iterations
 
     def epsilon(self, iteration: int) -> float:
-        frac = min(iteration / max(self.num_iterations, 1), 1.0)
-        return self.epsilon_start + frac * (self.epsilon_end - self.epsilon_start)
+        return linear_anneal(self.epsilon_start, self.epsilon_end, iteration, self.num_iterations)
 
     def step(self, train: Sequence[StepData], iteration: int) -> dict[str, float]:
         theta = {k: v.detach() for k, v in self.policy.named_parameters()}

@@ -30,7 +30,7 @@ import torch
 import envs  # noqa: F401
 from envs.base import InvalidTask, TaskOutOfRange
 from metarl.atomic import atomic_open
-from metarl.run import CHECKPOINT, CONFIG, RunError
+from metarl.run import CONFIG, RunError
 
 ADAPTED_POLICY = "policy.pt"
 ADAPTED_INFO = "adapted.json"
@@ -231,8 +231,6 @@ def load(run_dir: str | Path) -> MetaPolicy:
 
 def load_adapted(out_dir: str | Path) -> AdaptedPolicy:
     """An adapted policy saved by :meth:`AdaptedPolicy.save` (or ``metarl adapt --out``)."""
-    from metarl.run import load_checkpoint
-
     out = Path(out_dir)
     info_path = out / ADAPTED_INFO
     if not info_path.is_file():

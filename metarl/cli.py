@@ -187,7 +187,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     import warnings
 
     from metarl.adapt import load
-    from metarl.run import RunError
 
     if (args.task is None) == (args.task_index is None):
         raise ConfigError("adapt needs exactly one of --task JSON (e.g. '{\"velocity\": 1.3}') or --task-index N")

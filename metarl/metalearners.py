@@ -57,6 +57,12 @@ def map_tasks(fn: Callable[[Params, Any], Any], params: Params, tasks: Any, *, b
     return tree_map(lambda *xs: torch.stack(xs), *outs)
 
 
+def linear_anneal(start: float, end: float, iteration: int, num_iterations: int) -> float:
+    """``start`` at iteration 0, ``end`` from ``num_iterations`` on, linear in between (Reptile's epsilon)."""
+    frac = min(iteration / max(num_iterations, 1), 1.0)
+    return start + frac * (end - start)
+
+
 class MetaLearner:
     """Shared machinery: the inner loop of a task and adaptation curves for evaluation."""
 
@@ -217,8 +223,7 @@ class Reptile(MetaLearner):
         self.num_iterations = num_iterations
 
     def epsilon(self, iteration: int) -> float:
-        frac = min(iteration / max(self.num_iterations, 1), 1.0)
-        return self.epsilon_start + frac * (self.epsilon_end - self.epsilon_start)
+        return linear_anneal(self.epsilon_start, self.epsilon_end, iteration, self.num_iterations)
 
     def step(self, tasks: Any, iteration: int) -> dict[str, float]:
         theta = {k: v.detach() for k, v in params_of(self.model).items()}

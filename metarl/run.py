@@ -62,6 +62,22 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     return state
 
 
+def restore_checkpoint(path: str | os.PathLike, apply, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load the checkpoint at ``path`` and hand its state to ``apply(state)``; returns the state.
+
+    A state that does not fit (``apply`` raising RuntimeError, KeyError, ValueError or
+    TypeError: shapes, missing keys) becomes one ``RunError`` line.
+    """
+    state = load_checkpoint(path, map_location=map_location)
+    try:
+        apply(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2]) or type(exc).__name__
+        raise RunError(f"checkpoint {path} does not fit the run's config.yaml ({detail}); "
+                       "was config.yaml edited after training?") from None
+    return state
+
+
 class MetricsLogger:
     """Writes each iteration's metrics to ``metrics.jsonl`` and to TensorBoard with the same keys.
 

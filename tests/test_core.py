@@ -24,15 +24,6 @@ from metarl.functional import adapt, inner_lrs, params_of
 from metarl.metalearners import FOMAML, MAML, Pretrain, Reptile
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: light on a shared machine, and bit-reproducible reductions."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------

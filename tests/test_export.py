@@ -19,15 +19,6 @@ NAV = "metarl/Navigation2D-v0"
 SMALL = {"n_steps": 16, "batch_size": 16, "seed": 0}  # light rollout buffers; nothing is trained
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: light on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gaussian(*, hidden=(16, 16), activation="tanh", seed=0) -> tuple[GaussianMLPPolicy, gym.Env]:
     torch.manual_seed(seed)
     env = gym.make(NAV)

@@ -24,15 +24,6 @@ from metarl.optim import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: light on a shared machine, and bit-reproducible reductions."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_spd(n: int, seed: int) -> torch.Tensor:
     """A well-conditioned random symmetric positive-definite float64 matrix."""
     g = torch.Generator().manual_seed(seed)

@@ -12,8 +12,8 @@ import gymnasium as gym
 import pytest
 import torch
 
-from agents.learners import FOMAMLAdam, InnerLoop, MAMLTRPO, ReptilePolicy, StepData, expand_to_tasks
-from agents.policies import GaussianMLPPolicy, make_policy
+from agents.learners import FOMAMLAdam, MAMLTRPO, ReptilePolicy, StepData, expand_to_tasks
+from agents.policies import GaussianMLPPolicy
 from metarl.baselines import LinearFeatureBaseline
 from metarl.episodes import Episodes, compute_advantages
 from metarl.optim import flatten, make_hvp, unflatten

@@ -27,7 +27,7 @@ from metarl.fewshot.omniglot import FewShotSampler, Omniglot
 from metarl.fewshot.sinusoid import SinusoidTasks
 from metarl.functional import inner_lrs
 from metarl.metalearners import FOMAML, MAML, MetaLearner, Pretrain, Reptile
-from metarl.run import CHECKPOINT, MetricsLogger, RunError, load_checkpoint, resolve_device, save_checkpoint
+from metarl.run import CHECKPOINT, MetricsLogger, RunError, resolve_device, restore_checkpoint, save_checkpoint
 
 TRAIN, VAL, TEST = 0, 1, 2
 
@@ -112,13 +112,7 @@ class FewShotExperiment:
 
     def load_checkpoint(self, path: Path) -> int:
         """Load the checkpoint at ``path``; returns its iteration. Any mismatch is a one-line RunError."""
-        state = load_checkpoint(path, map_location=self.device)
-        try:
-            return self.load_state_dict(state)
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2]) or type(exc).__name__
-            raise RunError(f"checkpoint {path} does not fit the run's config.yaml ({detail}); "
-                           "was config.yaml edited after training?") from None
+        return int(restore_checkpoint(path, self.load_state_dict, map_location=self.device)["iteration"])
 
     # -- tasks -------------------------------------------------------------------------------
     def sample(self, split: str, num_tasks: int, rng: np.random.Generator) -> FewShotBatch:

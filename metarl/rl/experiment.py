@@ -37,7 +37,7 @@ from metarl.baselines import LinearFeatureBaseline
 from metarl.episodes import Episodes, compute_advantages
 from metarl.functional import inner_lrs
 from metarl.rl.config import RLConfig
-from metarl.run import CHECKPOINT, MetricsLogger, RunError, load_checkpoint, resolve_device, save_checkpoint
+from metarl.run import CHECKPOINT, MetricsLogger, RunError, resolve_device, restore_checkpoint, save_checkpoint
 from metarl.sampling import RaySampler, VectorSampler, task_seeds
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -163,14 +163,13 @@ class RLExperiment:
                 "env_steps": self.env_steps}
 
     def load_checkpoint(self, path: Path) -> int:
-        state = load_checkpoint(path, map_location=self.device)
-        try:
+        """Load the checkpoint at ``path``; returns its iteration. Any mismatch is a one-line RunError."""
+
+        def apply(state: dict[str, Any]) -> None:
             self.policy.load_state_dict(state["model"])
             self.learner.load_state_dict(state.get("learner", {}))
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2]) or type(exc).__name__
-            raise RunError(f"checkpoint {path} does not fit the run's config.yaml ({detail}); "
-                           "was config.yaml edited after training?") from None
+
+        state = restore_checkpoint(path, apply, map_location=self.device)
         self.env_steps = int(state.get("env_steps", 0))
         return int(state["iteration"])
 
