@@ -62,6 +62,11 @@ class _EpisodeReturns(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+def _batch_size(n: int, most: int = 64) -> int:
+    """The largest divisor of the rollout size ``n`` up to ``most`` (no truncated mini-batches)."""
+    return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
+
+
 def _policy_kwargs(exp: RLExperiment) -> dict[str, Any]:
     p = exp.cfg.policy
     act = torch.nn.Tanh if p.activation == "tanh" else torch.nn.ReLU
@@ -115,7 +120,8 @@ def pretrain_multitask(exp: RLExperiment, *, total_steps: int, seed: int) -> tup
 
     env = _MultiTaskEnv(_make_env(exp, None))
     horizon = exp.sampler().horizon
-    model = PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=max(64, 10 * horizon), batch_size=64,
+    n_steps = max(64, 10 * horizon)
+    model = PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=n_steps, batch_size=_batch_size(n_steps),
                 seed=seed, device="cpu", verbose=0)
     t0 = time.perf_counter()
     model.learn(total_timesteps=total_steps)
@@ -143,7 +149,7 @@ def ppo_scratch_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: in
     for i, task in enumerate(tasks):
         env = _EpisodeReturns(_make_env(exp, task))
         model = PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=episodes * horizon,
-                    batch_size=min(64, episodes * horizon), seed=seed * 100_003 + i, device="cpu", verbose=0)
+                    batch_size=_batch_size(episodes * horizon), seed=seed * 100_003 + i, device="cpu", verbose=0)
         row = []
         for _ in range(steps + 1):  # each learn() call: one rollout of `episodes` episodes, then one PPO update
             start = len(env.returns)
@@ -163,8 +169,9 @@ def oracle_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int, to
     scores = []
     for i, task in enumerate(tasks):
         env = _EpisodeReturns(_make_env(exp, task))
-        model = PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=max(64, 10 * horizon),
-                    batch_size=64, seed=seed * 100_003 + i, device="cpu", verbose=0)
+        n_steps = max(64, 10 * horizon)
+        model = PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=n_steps,
+                    batch_size=_batch_size(n_steps), seed=seed * 100_003 + i, device="cpu", verbose=0)
         model.learn(total_timesteps=total_steps)
         scores.append(_score(model, _make_env(exp, task), episodes, seed=seed * 100_003 + i))
     return np.repeat(np.asarray(scores)[:, None], steps + 1, axis=1)
