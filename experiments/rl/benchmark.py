@@ -14,7 +14,7 @@ on held-out tasks, and records in ``experiments/results/rl.json`` (with the mach
 Usage::
 
     python experiments/rl/benchmark.py navigation2d/maml_trpo [halfcheetah_vel/maml_trpo ...] \\
-        [--out runs/rl-bench] [--minutes M] [key=value ...]
+        [--out runs/rl-bench] [--minutes M] [--tag T] [--no-eval] [key=value ...]
 
 ``--minutes M`` stops training after the first iteration that ends past M minutes (for "as many
 iterations as fit in an hour") by resuming with a lower ``num_iterations``; overrides apply to
@@ -99,26 +99,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "rl-bench")
     parser.add_argument("--minutes", type=float, help="stop training after this many minutes")
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--tag", default="", help="record under NAME@TAG (e.g. a speed run with other threads)")
     args, overrides = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": {}}
     for name in args.names:
-        run_dir = args.out / name.replace("/", "-")
-        log = (args.out / f"{name.replace('/', '-')}.log").open("a")
+        key = f"{name}@{args.tag}" if args.tag else name
+        run_dir = args.out / (name.replace("/", "-") + (f"-{args.tag}" if args.tag else ""))
+        log = (args.out / f"{run_dir.name}.log").open("a")
         finished = (run_dir / "config.yaml").exists() and len(read_rows(run_dir)) >= _num_iterations(run_dir)
         train_s = None if finished else train(name, run_dir, overrides, args.minutes, log)
         eval_json = None
         if not args.no_eval:
-            eval_json = args.out / f"{name.replace('/', '-')}.eval.json"
+            eval_json = args.out / f"{run_dir.name}.eval.json"
             subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(run_dir), "--json", str(eval_json)],
                            cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
-        record["results"][name] = summarize(name, run_dir, eval_json, train_s)
-        record["results"][name]["run_dir"] = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
+        record["results"][key] = summarize(name, run_dir, eval_json, train_s)
+        record["results"][key]["run_dir"] = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
+        if overrides:
+            record["results"][key]["overrides"] = overrides
         record["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         record["date"] = time.strftime("%Y-%m-%d")
         RESULTS.write_text(json.dumps(record, indent=1) + "\n")
-        shown = {k: v for k, v in record["results"][name].items() if k != "curve"}
-        print(json.dumps({name: shown}), flush=True)
+        shown = {k: v for k, v in record["results"][key].items() if k != "curve"}
+        print(json.dumps({key: shown}), flush=True)
 
 
 def _num_iterations(run_dir: Path) -> int:
