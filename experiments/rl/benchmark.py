@@ -102,7 +102,6 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="record under NAME@TAG (e.g. a speed run with other threads)")
     args, overrides = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": {}}
     for name in args.names:
         key = f"{name}@{args.tag}" if args.tag else name
         run_dir = args.out / (name.replace("/", "-") + (f"-{args.tag}" if args.tag else ""))
@@ -114,10 +113,13 @@ def main() -> None:
             eval_json = args.out / f"{run_dir.name}.eval.json"
             subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(run_dir), "--json", str(eval_json)],
                            cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
-        record["results"][key] = summarize(name, run_dir, eval_json, train_s)
-        record["results"][key]["run_dir"] = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
+        row = summarize(name, run_dir, eval_json, train_s)
+        row["run_dir"] = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
         if overrides:
-            record["results"][key]["overrides"] = overrides
+            row["overrides"] = overrides
+        # re-read before writing: other benchmark processes may have recorded other runs meanwhile
+        record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": {}}
+        record["results"][key] = row
         record["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         record["date"] = time.strftime("%Y-%m-%d")
         RESULTS.write_text(json.dumps(record, indent=1) + "\n")
