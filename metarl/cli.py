@@ -358,11 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (e.g. a scheduler stopping the job) stops like Ctrl-C: logs closed, last checkpoint kept."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     from envs.base import InvalidTask
     from metarl.fewshot.omniglot import OmniglotDataNotFound
     from metarl.run import RunError
 
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (`train cfg.yaml --no-progress seed=3`)

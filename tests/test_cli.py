@@ -542,3 +542,22 @@ def test_readme_config_reference_matches_the_code():
     readme = (REPO_ROOT / "README.md").read_text()
     for cls in (FewShotConfig, RLConfig):
         assert describe(cls).strip() in readme, f"README's config reference is stale for {cls.__name__}"
+
+
+def test_sigterm_stops_training_like_ctrl_c(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "metarl.cli", "train", str(SINUSOID), "--run-dir", str(run), "--no-progress",
+           "num_iterations=100000", "checkpoint_every=20", "eval.every=0", "threads=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "--resume" in err
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] % 20 == 0

@@ -54,7 +54,7 @@ def train(name: str, run_dir: Path, overrides: list[str], minutes: float | None,
     while proc.poll() is None:
         time.sleep(5)
         if minutes is not None and time.time() - t0 > minutes * 60:
-            proc.send_signal(signal.SIGINT)  # metarl train stops cleanly; the last checkpoint stays
+            proc.send_signal(signal.SIGTERM)  # metarl train stops cleanly (as on Ctrl-C); the last checkpoint stays
             proc.wait()
             break
     if proc.returncode not in (0, 130, None):
