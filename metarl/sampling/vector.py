@@ -231,9 +231,9 @@ class VectorSampler:
         # differs), so a task's numbers do not depend on how many tasks share the call. The
         # trunk (hidden layers) runs on episodes padded to e_trunk per task, the distribution
         # (mean/std/log-prob, a few floats per episode) on episodes padded to e_out.
-        # (the trunk's batched matmuls also get at least 8 rows per task: with fewer, the BLAS
+        # (the trunk's batched matmuls get a multiple of 4 rows per task: with 3, the BLAS
         # picks kernels whose rounding depends on the number of tasks, measured with 3 rows)
-        e_trunk = _padded(e, policy.hidden, rows=8)
+        e_trunk = _padded(e, policy.hidden, rows=4)
         e_out = _padded(e, (policy.out.out_features,))
         obs_pad = torch.zeros(n, e_trunk, obs_dim)
         noise = torch.cat([noise, noise.new_zeros(n, h, e_out - e, *noise.shape[3:])], dim=2)
