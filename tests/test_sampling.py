@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -160,28 +161,55 @@ def test_ray_sampler_equals_the_in_process_sampler(ray_local, workers):
         sampler.close()
 
 
-def test_ray_sampler_replaces_a_killed_worker_and_completes_the_call(ray_local):
+def _killed_worker_run(kill_after_s: float | None):
+    """Sample 8 tasks with 2 workers, SIGKILLing worker 0 before the call (None) or during it."""
     from metarl.sampling import RaySampler
 
+    import ray
+
     events = []
-    local = VectorSampler(CHEETAH, episodes_per_task=4, horizon=200)
+    horizon = 1000  # each share is 4 tasks x 8 episodes x 1000 steps: seconds of work
+    local = VectorSampler(CHEETAH, episodes_per_task=8, horizon=horizon)
     policy = policy_for(local)
     n = 8
     tasks, seeds = tasks_of(CHEETAH, n), task_seeds(5, 0, n=n)
-    sampler = RaySampler(CHEETAH, policy=policy, episodes_per_task=4, horizon=200, num_workers=2, on_event=events.append)
+    sampler = RaySampler(CHEETAH, policy=policy, episodes_per_task=8, horizon=horizon, num_workers=2,
+                         on_event=events.append)
     try:
         victim = sampler.worker_pids()[0]
-        killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))  # each share takes seconds
-        killer.start()
-        episodes = sampler.sample(policy.params(), tasks, seeds)
-        killer.join()
-        assert episodes.num_tasks == n and episodes.num_steps() == n * 4 * 200
+        if kill_after_s is None:
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while True:  # until Ray has seen the actor die
+                try:
+                    ray.get(sampler.workers[0].pid.remote(), timeout=5)
+                except Exception:
+                    break
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            episodes = sampler.sample(policy.params(), tasks, seeds)
+        else:
+            killer = threading.Timer(kill_after_s, os.kill, (victim, signal.SIGKILL))
+            killer.start()
+            t0 = time.monotonic()
+            episodes = sampler.sample(policy.params(), tasks, seeds)
+            killer.join()
+            assert time.monotonic() - t0 > kill_after_s  # the kill landed while the call was running
+        assert episodes.num_tasks == n and episodes.num_steps() == n * 8 * horizon
         assert equal(episodes, local.sample(policy, policy.params(), tasks, seeds))
         assert [e["worker"] for e in events] == [0] and events[0]["tasks"] == [0, 4]
         assert sampler.events == events
         assert victim not in sampler.worker_pids()  # the replacement is a new process
     finally:
         sampler.close()
+
+
+def test_ray_sampler_replaces_a_worker_killed_mid_call(ray_local):
+    _killed_worker_run(kill_after_s=0.3)
+
+
+def test_ray_sampler_replaces_a_worker_that_died_before_the_call(ray_local):
+    _killed_worker_run(kill_after_s=None)
 
 
 def test_meta_world_episodes_carry_success_flags():
