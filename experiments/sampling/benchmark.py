@@ -2,8 +2,8 @@
 
 - HalfCheetahVel, 40 tasks x 20 episodes x 100 steps with the real Gaussian MLP policy (64-64
   tanh): the in-process :class:`VectorSampler` and the :class:`RaySampler` with 1 and 2 workers,
-  next to gymnasium's plain ``HalfCheetah-v5`` stepped in a bare loop with random actions (the
-  initial policy's distribution, N(0, 1) clipped) and no policy. Goal: the Ray sampler reaches at least 70% of the bare loop's rate times the number of
+  next to gymnasium's plain ``HalfCheetah-v5`` stepped in a bare loop with no policy, replaying
+  the actions the policy took in an untimed warm-up call (so both loops simulate the same motion). Goal: the Ray sampler reaches at least 70% of the bare loop's rate times the number of
   workers.
 - Navigation2D at the same shape, in-process (goal: at least 1 million env steps/s).
 
@@ -36,15 +36,17 @@ from metarl.sampling import RaySampler, VectorSampler, init_ray, task_seeds
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def bare_loop(steps: int) -> float:
-    """Steps/s of gymnasium's HalfCheetah-v5 with random actions, resetting at episode ends.
+def bare_loop(steps: int, actions: np.ndarray | None = None) -> float:
+    """Steps/s of gymnasium's HalfCheetah-v5 in a plain loop, resetting at episode ends.
 
-    The actions are N(0, 1) clipped to the action bounds: what the initial policy (std 1)
-    sends, so that both loops simulate the same kind of motion (MuJoCo's cost per step depends
-    on the contacts the motion makes).
+    ``actions`` (``[steps, 6]``): replayed as given, e.g. the actions the sampler's policy took,
+    clipped to the bounds, so that both loops simulate the same motion (MuJoCo's cost per step
+    depends on the contacts the motion makes); default N(0, 1) clipped.
     """
     env = gym.make("HalfCheetah-v5", ctrl_cost_weight=0.05, max_episode_steps=100)
-    actions = np.clip(np.random.default_rng(0).normal(size=(steps, 6)), -1, 1).astype(np.float32)
+    if actions is None:
+        actions = np.clip(np.random.default_rng(0).normal(size=(steps, 6)), -1, 1).astype(np.float32)
+    actions = actions[:steps]
     env.reset(seed=0)
     t0 = time.perf_counter()
     for a in actions:
@@ -89,8 +91,10 @@ def main() -> None:
     nav_probe.reset(seed=0)
     nav_tasks = nav_probe.unwrapped.sample_tasks(n)
 
-    # warm-up (env construction in every sampler and actor), not timed
-    local.sample(policy, params, tasks, task_seeds(0, 0, n=n))
+    # warm-up (env construction in every sampler and actor), not timed; its episodes' actions
+    # (clipped to the bounds, episode after episode) are what the bare loop replays
+    warm = local.sample(policy, params, tasks, task_seeds(0, 0, n=n))
+    replay = np.clip(warm.actions.transpose(1, 2).reshape(-1, 6).numpy(), -1, 1)
     for sampler in rays.values():
         sampler.sample(params, tasks, task_seeds(0, 0, n=n))
     nav_sampler.sample(nav_policy, nav_policy.params(), nav_tasks, task_seeds(0, 0, n=n))
@@ -98,7 +102,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {k: [] for k in ("bare_loop", "in_process", "ray_1_worker", "ray_2_workers", "navigation2d")}
     for r in range(1, args.repeats + 1):
         seeds = task_seeds(0, r, n=n)
-        rates["bare_loop"].append(bare_loop(min(steps, 20_000)))
+        rates["bare_loop"].append(bare_loop(min(steps, 20_000), replay))
         rates["in_process"].append(timed(lambda: local.sample(policy, params, tasks, seeds)))
         rates["ray_1_worker"].append(timed(lambda: rays[1].sample(params, tasks, seeds)))
         rates["ray_2_workers"].append(timed(lambda: rays[2].sample(params, tasks, seeds)))
