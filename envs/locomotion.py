@@ -141,6 +141,10 @@ def _reject(kwargs: dict[str, Any], name: str, family: str, why: str) -> None:
 class _LocomotionTaskEnv(MetaEnv):
     """Shared constructor plumbing: task before the parent's ``__init__``, pickling by task."""
 
+    # The task changes the reward only, never the MuJoCo model: envs of a family built with the
+    # same arguments may share one MjModel (the samplers do, to keep 800 envs in cache).
+    task_independent_model = True
+
     def _init_family(
         self,
         spec: TaskSpec,
