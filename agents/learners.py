@@ -67,12 +67,7 @@ class StepData(NamedTuple):
         k = max(1, math.ceil(fraction * e))
         if k >= e:
             return self
-        eps = self.episodes
-        return StepData(
-            Episodes(eps.observations[:, :, :k], eps.actions[:, :, :k], eps.rewards[:, :, :k], eps.log_probs[:, :, :k],
-                     eps.mask[:, :, :k], eps.final_observations[:, :k], eps.terminated[:, :k], eps.lengths[:, :k]),
-            self.advantages[:, :, :k],
-        )
+        return StepData(self.episodes.first(k), self.advantages[:, :, :k])
 
 
 def expand_to_tasks(params: Params, n: int) -> Params:
@@ -99,18 +94,21 @@ class InnerLoop:
         log_probs = self.policy(eps.observations, params).log_prob(eps.actions)
         return -masked_task_mean(log_probs * data.advantages, eps.mask).sum()
 
-    def adapt(self, theta: Params, steps: Sequence[StepData], *, first_order: bool | None = None) -> Params:
+    def adapt(self, theta: Params, steps: Sequence[StepData], *, first_order: bool | None = None,
+              lrs: Sequence[float] | None = None) -> Params:
         """Per-task adapted parameters ``[N, ...]`` after ``len(steps)`` inner steps from ``theta``.
 
         ``steps[s]`` holds the episodes sampled with the parameters after ``s`` steps. Stays
-        differentiable in ``theta`` through every step unless first-order.
+        differentiable in ``theta`` through every step unless first-order. ``lrs`` overrides the
+        loop's learning rates (evaluation and adaptation with more steps than in training).
         """
-        if len(steps) > len(self.lrs):
-            raise ValueError(f"{len(steps)} inner steps of data but only {len(self.lrs)} inner learning rates")
+        lrs = self.lrs if lrs is None else list(lrs)
+        if len(steps) > len(lrs):
+            raise ValueError(f"{len(steps)} inner steps of data but only {len(lrs)} inner learning rates")
         first_order = self.first_order if first_order is None else first_order
         params = expand_to_tasks(theta, steps[0].episodes.num_tasks) if steps else dict(theta)
         for s, data in enumerate(steps):
-            params = adapt(lambda p, _step, data=data: self.loss(p, data), params, lrs=[self.lrs[s]],
+            params = adapt(lambda p, _step, data=data: self.loss(p, data), params, lrs=[lrs[s]],
                            first_order=first_order)
         return params
 

@@ -137,20 +137,11 @@ class MetaPolicy(_Acting):
         if episodes < 1 or steps < 0:
             raise ValueError(f"episodes must be >= 1 and steps >= 0, got episodes={episodes}, steps={steps}")
         exp = self.experiment
-        env_kwargs = dict(self.cfg.env)
-        if test_split and self.cfg.family.startswith("MetaWorld"):
-            env_kwargs["split"] = "test"
-        task = _check_task(self.cfg.env_id, env_kwargs, task)
-        saved = exp.learner.inner.lrs
-        exp.learner.inner.lrs = inner_lrs(self.cfg.inner.lr, steps)
-        try:
-            sampler = exp.sampler(test=test_split, episodes=episodes)
-            train, final, _ = exp.adapt_and_sample([task], (TEST, 7, seed), steps, sampler=sampler)
-            theta = {k: v.detach() for k, v in exp.policy.named_parameters()}
-            with torch.no_grad():
-                phi = exp.learner.inner.adapt(theta, train, first_order=True) if train else theta
-        finally:
-            exp.learner.inner.lrs = saved
+        task = _check_task(self.cfg.env_id, self.cfg.env_kwargs(test=test_split), task)
+        sampler = exp.sampler(test=test_split, episodes=episodes)
+        train, final, _ = exp.adapt_and_sample([task], (TEST, 7, seed), steps, sampler=sampler,
+                                               lrs=inner_lrs(self.cfg.inner.lr, steps))
+        phi = exp.last_adapted  # the parameters that sampled `final`
         params = {k: (v[0] if train else v).detach().cpu().clone() for k, v in phi.items()}
         returns = [float(d.episodes.returns_per_episode().mean()) for d in train + [final]]
         return AdaptedPolicy(self.policy, params, task=task, returns=returns, episodes=episodes,
@@ -189,10 +180,7 @@ class AdaptedPolicy(_Acting):
 
     def make_env(self, **kwargs: Any) -> gym.Env:
         """A gymnasium env of the family set to this task (``gymnasium.make`` arguments pass through)."""
-        env_kwargs = dict(self.cfg.env)
-        if self.cfg.family.startswith("MetaWorld"):
-            env_kwargs["split"] = "test"
-        env = gym.make(self.cfg.env_id, **{**env_kwargs, **kwargs})
+        env = gym.make(self.cfg.env_id, **{**self.cfg.env_kwargs(test=True), **kwargs})
         env.unwrapped.set_task(self.task, allow_out_of_range=True)
         return env
 

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from metarl.baselines import Baseline
 
 
+_PER_STEP = ("observations", "actions", "rewards", "log_probs", "mask")  # [N, H, E, ...]; the others are [N, E, ...]
+
+
 class Episodes(NamedTuple):
     """``N`` tasks x ``E`` episodes each, horizon ``H`` (the longest episode possible), time-major per task.
 
@@ -79,6 +82,11 @@ class Episodes(NamedTuple):
             raise IndexError(f"task index {i} out of range for a batch of {n} tasks")
         i %= n
         return Episodes(*(None if t is None else t[i : i + 1] for t in self))
+
+    def first(self, k: int) -> Episodes:
+        """The first ``k`` episodes of every task (views, not copies)."""
+        return Episodes(*(None if t is None else t[:, :, :k] if name in _PER_STEP else t[:, :k]
+                          for name, t in zip(self._fields, self)))
 
     @staticmethod
     def cat(episodes: Sequence[Episodes]) -> Episodes:

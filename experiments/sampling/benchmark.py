@@ -56,6 +56,12 @@ def bare_loop(steps: int, actions: np.ndarray | None = None) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def sample_tasks(env_id: str, n: int) -> list[dict]:
+    env = gym.make(env_id)
+    env.reset(seed=0)
+    return env.unwrapped.sample_tasks(n)
+
+
 def timed(sample) -> float:
     t0 = time.perf_counter()
     episodes = sample()
@@ -77,9 +83,7 @@ def main() -> None:
     cheetah = "metarl/HalfCheetahVel-v0"
     local = VectorSampler(cheetah, episodes_per_task=e, horizon=h)
     policy = make_policy(local.observation_space, local.action_space)
-    probe = gym.make(cheetah)
-    probe.reset(seed=0)
-    tasks = probe.unwrapped.sample_tasks(n)
+    tasks = sample_tasks(cheetah, n)
     init_ray(num_cpus=3)  # 1 + 2 actors alive at once (interleaved); only one sampler runs at a time
     rays = {w: RaySampler(cheetah, policy=policy, episodes_per_task=e, horizon=h, num_workers=w) for w in (1, 2)}
     params = policy.params()
@@ -87,9 +91,7 @@ def main() -> None:
     nav = "metarl/Navigation2D-v0"
     nav_sampler = VectorSampler(nav, episodes_per_task=e, horizon=h)
     nav_policy = make_policy(nav_sampler.observation_space, nav_sampler.action_space)
-    nav_probe = gym.make(nav)
-    nav_probe.reset(seed=0)
-    nav_tasks = nav_probe.unwrapped.sample_tasks(n)
+    nav_tasks = sample_tasks(nav, n)
 
     # warm-up (env construction in every sampler and actor), not timed; its episodes' actions
     # (clipped to the bounds, episode after episode) are what the bare loop replays

@@ -27,7 +27,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from metarl.rl.experiment import TEST, RLExperiment
+from metarl.rl.experiment import TEST, RLExperiment, mean_and_ci95
 
 
 class _MultiTaskEnv(gym.Wrapper):
@@ -76,13 +76,18 @@ def _policy_kwargs(exp: RLExperiment) -> dict[str, Any]:
 
 def _make_env(exp: RLExperiment, task: dict[str, Any] | None):
     cfg = exp.cfg
-    kwargs = dict(cfg.env)
-    if cfg.family.startswith("MetaWorld"):
-        kwargs["split"] = "test"
-    env = gym.make(cfg.env_id, max_episode_steps=exp.sampler().horizon, **kwargs)
+    env = gym.make(cfg.env_id, max_episode_steps=exp.sampler().horizon, **cfg.env_kwargs(test=True))
     if task is not None:
         env.unwrapped.set_task(task, allow_out_of_range=True)
     return env
+
+
+def _ppo(exp: RLExperiment, env: gym.Env, *, n_steps: int, seed: int):
+    """SB3 PPO with the policy's MLP for actor and critic, on CPU, mini-batches dividing the rollout."""
+    from stable_baselines3 import PPO
+
+    return PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=n_steps, batch_size=_batch_size(n_steps),
+               seed=seed, device="cpu", verbose=0)
 
 
 def with_policy_params(exp: RLExperiment, params: dict[str, torch.Tensor], fn):
@@ -114,15 +119,10 @@ def pretrain_multitask(exp: RLExperiment, *, total_steps: int, seed: int) -> tup
     """SB3 PPO on the task distribution (task hidden): the actor's parameters and the wall time."""
     import time
 
-    from stable_baselines3 import PPO
-
     from metarl.export import from_sb3
 
     env = _MultiTaskEnv(_make_env(exp, None))
-    horizon = exp.sampler().horizon
-    n_steps = max(64, 10 * horizon)
-    model = PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=n_steps, batch_size=_batch_size(n_steps),
-                seed=seed, device="cpu", verbose=0)
+    model = _ppo(exp, env, n_steps=max(64, 10 * exp.sampler().horizon), seed=seed)
     t0 = time.perf_counter()
     model.learn(total_timesteps=total_steps)
     policy = from_sb3(model)
@@ -140,16 +140,13 @@ def pretrained_curve(exp: RLExperiment, params: dict[str, torch.Tensor], *, num_
 
 def ppo_scratch_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int) -> np.ndarray:
     """PPO from scratch per task with the adaptation's budget: ``[num_tasks, steps + 1]``."""
-    from stable_baselines3 import PPO
-
     episodes = exp.cfg.eval.episodes_per_task or exp.cfg.episodes_per_task
     horizon = exp.sampler().horizon
     tasks = exp.sample_tasks(TEST, seed, num_tasks)
     rows = []
     for i, task in enumerate(tasks):
         env = _EpisodeReturns(_make_env(exp, task))
-        model = PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=episodes * horizon,
-                    batch_size=_batch_size(episodes * horizon), seed=seed * 100_003 + i, device="cpu", verbose=0)
+        model = _ppo(exp, env, n_steps=episodes * horizon, seed=seed * 100_003 + i)
         row = []
         for _ in range(steps + 1):  # each learn() call: one rollout of `episodes` episodes, then one PPO update
             start = len(env.returns)
@@ -161,17 +158,12 @@ def ppo_scratch_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: in
 
 def oracle_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int, total_steps: int) -> np.ndarray:
     """PPO trained for ``total_steps`` on each task, scored by ``E`` fresh episodes (constant across steps)."""
-    from stable_baselines3 import PPO
-
     episodes = exp.cfg.eval.episodes_per_task or exp.cfg.episodes_per_task
     horizon = exp.sampler().horizon
     tasks = exp.sample_tasks(TEST, seed, num_tasks)
     scores = []
     for i, task in enumerate(tasks):
-        env = _EpisodeReturns(_make_env(exp, task))
-        n_steps = max(64, 10 * horizon)
-        model = PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=n_steps,
-                    batch_size=_batch_size(n_steps), seed=seed * 100_003 + i, device="cpu", verbose=0)
+        model = _ppo(exp, _make_env(exp, task), n_steps=max(64, 10 * horizon), seed=seed * 100_003 + i)
         model.learn(total_timesteps=total_steps)
         scores.append(_score(model, _make_env(exp, task), episodes, seed=seed * 100_003 + i))
     return np.repeat(np.asarray(scores)[:, None], steps + 1, axis=1)
@@ -197,14 +189,10 @@ METHODS = ("meta", "random_init", "pretrained", "ppo_scratch", "oracle")
 def evaluate_with_baselines(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int, pretrain_steps: int,
                             oracle_steps: int, oracle_tasks: int, log=print) -> dict[str, Any]:
     """Every method's return after 0..steps adaptation steps on the same held-out tasks, mean and 95% CI."""
-    import math
     import time
 
     def summary(values: np.ndarray, seconds: float) -> dict[str, Any]:
-        mean = values.mean(0)
-        ci = 1.96 * values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
-        return {"mean": [float(x) for x in mean], "ci95": [float(x) for x in ci], "num_tasks": int(len(values)),
-                "seconds": round(seconds, 1)}
+        return {**mean_and_ci95(values), "seconds": round(seconds, 1)}
 
     methods: dict[str, Any] = {}
     t0 = time.perf_counter()

@@ -87,6 +87,14 @@ class RLConfig:
         if self.algorithm == "maml_trpo" and self.outer.optimizer != "trpo":
             raise field_error(prefix, "outer.optimizer", "maml_trpo needs trpo (use algorithm fomaml for adam)")
 
+    def env_kwargs(self, *, test: bool = False) -> dict[str, Any]:
+        """Constructor arguments of the env; ``test``: Meta-World's held-out split (other families
+        draw held-out tasks from the same distribution)."""
+        kwargs = dict(self.env)
+        if test and self.family.startswith("MetaWorld"):
+            kwargs["split"] = "test"
+        return kwargs
+
     @property
     def env_id(self) -> str:
         import envs

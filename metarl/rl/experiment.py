@@ -43,6 +43,13 @@ from metarl.sampling import RaySampler, VectorSampler, task_seeds
 TRAIN, VAL, TEST = 0, 1, 2
 
 
+def mean_and_ci95(values: np.ndarray) -> dict[str, Any]:
+    """Per-column mean and 95% CI half-width (1.96 standard errors) over the rows (tasks)."""
+    mean = values.mean(0)
+    ci95 = 1.96 * values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
+    return {"mean": [float(x) for x in mean], "ci95": [float(x) for x in ci95], "num_tasks": int(len(values))}
+
+
 def build_learner(cfg: RLConfig, policy: torch.nn.Module):
     lrs = inner_lrs(cfg.inner.lr, cfg.inner.steps)
     if cfg.algorithm == "reptile":
@@ -57,9 +64,7 @@ def build_learner(cfg: RLConfig, policy: torch.nn.Module):
 
 
 def _make_env(cfg: RLConfig, *, test: bool = False) -> gym.Env:
-    kwargs = dict(cfg.env)
-    if test and cfg.family.startswith("MetaWorld"):
-        kwargs["split"] = "test"  # Meta-World's held-out tasks
+    kwargs = cfg.env_kwargs(test=test)
     try:
         return gym.make(cfg.env_id, **kwargs).unwrapped
     except TypeError as exc:
@@ -90,11 +95,9 @@ class RLExperiment:
     # -- sampling ----------------------------------------------------------------------------
     def sampler(self, test: bool = False, episodes: int | None = None):
         cfg = self.cfg
-        env_kwargs = dict(cfg.env)
-        if test and cfg.family.startswith("MetaWorld"):
-            env_kwargs["split"] = "test"
+        env_kwargs = cfg.env_kwargs(test=test)
         e = episodes or cfg.episodes_per_task
-        key = (test and cfg.family.startswith("MetaWorld"), e)
+        key = (tuple(sorted(env_kwargs.items())), e)
         if key not in self._samplers:
             if cfg.ray.workers > 0:
                 self._samplers[key] = RaySampler(cfg.env_id, policy=self.rollout_policy, episodes_per_task=e,
@@ -130,10 +133,12 @@ class RLExperiment:
         env.np_random = np.random.default_rng([self.cfg.seed, split, key])
         return env.sample_tasks(n)
 
-    def adapt_and_sample(self, tasks, seed_keys: tuple[int, ...], steps: int, *, sampler=None) -> tuple[list[StepData], StepData, dict]:
+    def adapt_and_sample(self, tasks, seed_keys: tuple[int, ...], steps: int, *, sampler=None,
+                         lrs: list[float] | None = None) -> tuple[list[StepData], StepData, dict]:
         """Episodes of ``theta`` and after each of ``steps`` inner steps; returns (train, valid, times).
 
-        The episodes of step ``s`` use ``task_seeds(seed, *seed_keys, s)``.
+        The episodes of step ``s`` use ``task_seeds(seed, *seed_keys, s)``; ``lrs``: inner learning
+        rates (default the learner's); ``self.last_adapted`` keeps the parameters of the last step.
         """
         cfg, inner = self.cfg, self.learner.inner
         sampler = sampler or self.sampler()
@@ -152,7 +157,7 @@ class RLExperiment:
                 return train, data, times
             train.append(data)
             with torch.no_grad():
-                params = inner.adapt(theta, train, first_order=True)
+                params = inner.adapt(theta, train, first_order=True, lrs=lrs)
             per_task = True
             times["adaptation"] += time.perf_counter() - t1
         raise AssertionError("unreachable")
@@ -240,28 +245,20 @@ class RLExperiment:
         """Mean episode return of each task after 0..steps inner steps: ``[num_tasks, steps + 1]``."""
         cfg = self.cfg
         lrs = inner_lrs(cfg.inner.lr, steps)
-        saved = self.learner.inner.lrs
-        self.learner.inner.lrs = lrs
         sampler = self.sampler(test=split == TEST, episodes=cfg.eval.episodes_per_task)
-        try:
-            rows = []
-            tasks = self.sample_tasks(split, key, num_tasks)
-            for lo in range(0, num_tasks, cfg.meta_batch_size):
-                chunk = tasks[lo:lo + cfg.meta_batch_size]
-                train, valid, _ = self.adapt_and_sample(chunk, (split, key, lo), steps, sampler=sampler)
-                per_step = [d.episodes.returns_per_episode().mean(1) for d in train + [valid]]
-                rows.append(torch.stack(per_step, dim=1).cpu().numpy())
-            return np.concatenate(rows)
-        finally:
-            self.learner.inner.lrs = saved
+        rows = []
+        tasks = self.sample_tasks(split, key, num_tasks)
+        for lo in range(0, num_tasks, cfg.meta_batch_size):
+            chunk = tasks[lo:lo + cfg.meta_batch_size]
+            train, valid, _ = self.adapt_and_sample(chunk, (split, key, lo), steps, sampler=sampler, lrs=lrs)
+            per_step = [d.episodes.returns_per_episode().mean(1) for d in train + [valid]]
+            rows.append(torch.stack(per_step, dim=1).cpu().numpy())
+        return np.concatenate(rows)
 
     def evaluate(self, *, num_tasks: int, steps: int, seed: int) -> dict[str, Any]:
         """Return after 0..steps adaptation steps on ``num_tasks`` held-out tasks, mean and 95% CI."""
-        values = self.curve(TEST, seed, num_tasks, steps=steps)
-        mean = values.mean(0)
-        ci95 = 1.96 * values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
-        return {"metric": "return", "steps": list(range(steps + 1)), "mean": [float(x) for x in mean],
-                "ci95": [float(x) for x in ci95], "num_tasks": int(len(values))}
+        summary = mean_and_ci95(self.curve(TEST, seed, num_tasks, steps=steps))
+        return {"metric": "return", "steps": list(range(steps + 1)), **summary}
 
     def close(self) -> None:
         for sampler in self._samplers.values():
