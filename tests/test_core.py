@@ -453,11 +453,12 @@ def test_adaptation_curve_does_not_touch_the_model():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("inner_batch_size", [None, 3], ids=["full", "minibatch"])
 @pytest.mark.parametrize("batched", [True, False], ids=["vmap", "loop"])
-def test_reptile_update_is_interpolation_toward_mean_adapted_weights(batched):
+def test_reptile_update_is_interpolation_toward_mean_adapted_weights(batched, inner_batch_size):
     lrs = [0.2, 0.1, 0.1]
     model = tiny_model(2)
-    obj = FewShotObjective(model, kind="regression")
+    obj = FewShotObjective(model, kind="regression", inner_batch_size=inner_batch_size)
     tasks = sinusoid_batch(4, seed=11)
     learner = Reptile(model, obj, inner_lrs=lrs, epsilon_start=0.9, epsilon_end=0.1, num_iterations=8,
                       batched=batched)
@@ -624,3 +625,41 @@ def test_maml_learns_sinusoid():
     assert post_after < 2.5
     assert post_after < 0.6 * post_before
     assert post_after < 0.75 * pre_after  # one inner step now helps a lot
+
+
+def test_channels_last_conv_net_is_the_same_function():
+    """The NHWC layout changes speed only: same outputs and same second-order meta-gradient."""
+    torch.manual_seed(0)
+    plain = ConvNet(n_way=3, filters=4, image_size=8, blocks=2).double()
+    fast = ConvNet(n_way=3, filters=4, image_size=8, blocks=2, channels_last=True).double()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-10, atol=1e-12)
+    _, tasks, kind, lrs = _family("classification")
+    grads = []
+    for model in (plain, fast):
+        learner = MAML(model, FewShotObjective(model, kind=kind), inner_lrs=lrs, outer_lr=1e-3, batched=False)
+        grads.append(flat_grad(learner.meta_loss(params_of(model), tasks)[0], model))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-10)
+
+
+def test_inner_minibatches_walk_the_support_set_class_balanced():
+    model = ConvNet(n_way=3, filters=4, image_size=8, blocks=2)
+    obj = FewShotObjective(model, kind="classification", inner_batch_size=6, n_way=3)
+    # Support of 3 classes x 4 shots, class-major: class c shot s is row 4c + s.
+    assert obj.support_indices(12, 0).tolist() == [0, 4, 8, 1, 5, 9]  # shots 0, 1 of every class
+    assert obj.support_indices(12, 1).tolist() == [2, 6, 10, 3, 7, 11]  # shots 2, 3
+    assert obj.support_indices(12, 2).tolist() == [0, 4, 8, 1, 5, 9]  # and round again
+    assert FewShotObjective(model, kind="classification", inner_batch_size=4, n_way=3).support_indices(12, 1).tolist() == [
+        5, 9, 2, 6]  # a batch size that does not divide the set wraps through it
+    assert obj.support_indices(6, 0) is None  # batch >= support size: all of it
+    one = task(classification_batch(1, seed=3, k_shot=4, dtype=torch.float32), 0)
+    params = params_of(model)
+    for step in range(3):
+        idx = obj.support_indices(12, step)
+        assert sorted(one.support_y[idx].tolist()) == [0, 0, 1, 1, 2, 2]
+        expected = F.cross_entropy(model(one.support_x[idx]), one.support_y[idx])
+        torch.testing.assert_close(obj.support_loss(params, one, step), expected)
+    with pytest.raises(ValueError, match="inner_batch_size must be a positive integer"):
+        FewShotObjective(model, kind="classification", inner_batch_size=0)

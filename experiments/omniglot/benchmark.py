@@ -5,7 +5,11 @@ Runs ``metarl train`` then ``metarl evaluate`` for each config, ``--parallel`` r
 and 95% CI over 600 tasks, after the last evaluated inner step) with the machine and date in
 ``experiments/results/omniglot.json``. Usage::
 
-    python experiments/omniglot/benchmark.py [--out runs/omniglot-bench] [--parallel 2] [NAME ...]
+    python experiments/omniglot/benchmark.py [--out runs/omniglot-bench] [--parallel 2] [--minutes 30] [NAME ...]
+
+With ``--minutes M`` a training run still going after M minutes is stopped (SIGTERM, which
+``metarl train`` treats like Ctrl-C) and its last checkpoint is evaluated; the record then
+says how many iterations fitted in the budget.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -25,12 +30,22 @@ ROOT = HERE.parents[1]
 TARGETS = {"5w1s": 0.95, "20w1s": 0.85}
 
 
-def run_one(name: str, out: Path) -> dict:
+def run_one(name: str, out: Path, minutes: float | None = None) -> dict:
     run_dir = out / name
     log = (out / f"{name}.log").open("w")
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "metarl.cli", "train", str(HERE / f"{name}.yaml"), "--run-dir", str(run_dir),
-                    "--no-progress"], check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    train = subprocess.Popen([sys.executable, "-m", "metarl.cli", "train", str(HERE / f"{name}.yaml"), "--run-dir",
+                              str(run_dir), "--no-progress"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        code = train.wait(timeout=None if minutes is None else minutes * 60)
+    except subprocess.TimeoutExpired:
+        train.send_signal(signal.SIGTERM)
+        code = train.wait()
+        if code not in (0, 130):
+            raise RuntimeError(f"{name}: training stopped at the time budget exited with {code}; see {log.name}")
+    else:
+        if code != 0:
+            raise RuntimeError(f"{name}: training failed with exit status {code}; see {log.name}")
     train_s = time.time() - t0
     subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(run_dir), "--json", str(out / f"{name}.eval.json")],
                    check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -50,12 +65,13 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="config names (default: every YAML here)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "omniglot-bench")
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--minutes", type=float, default=None, help="stop each training run after this many minutes")
     parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "omniglot.json")
     args = parser.parse_args()
     names = args.names or sorted(p.stem for p in HERE.glob("*.yaml"))
     args.out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.parallel) as pool:
-        rows = dict(zip(names, pool.map(lambda n: run_one(n, args.out), names)))
+        rows = dict(zip(names, pool.map(lambda n: run_one(n, args.out, args.minutes), names)))
     record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
               "date": time.strftime("%Y-%m-%d"), "parallel_runs": args.parallel, "results": rows}
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@ from metarl.config import field_error, option
 class InnerConfig:
     steps: int = option(1, ge=0, doc="Inner-loop gradient steps per task during meta-training.")
     lr: float | list[float] = option(0.01, gt=0, doc="Inner learning rate: one value, or one per step (the last repeats).")
+    batch_size: int | None = option(
+        None, ge=1, doc="Support examples per inner step, taken in turn with every class equally represented "
+                        "(Reptile's minibatches; null: the whole support set).")
 
 
 @dataclass

@@ -36,7 +36,8 @@ def build_model(cfg: FewShotConfig) -> nn.Module:
     if cfg.family == "sinusoid":
         return MLP(1, cfg.sinusoid.hidden, 1)
     o = cfg.omniglot
-    return ConvNet(n_way=o.n_way, filters=o.filters, image_size=o.image_size, vmap_safe_norm=cfg.batched)
+    return ConvNet(n_way=o.n_way, filters=o.filters, image_size=o.image_size,
+                   vmap_safe_norm=cfg.batched, channels_last=not cfg.batched)
 
 
 class TaskSource:
@@ -96,7 +97,8 @@ class FewShotExperiment:
         self.tasks = TaskSource(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
-        self.objective = FewShotObjective(self.model, kind=self.tasks.kind)
+        n_way = cfg.omniglot.n_way if cfg.family == "omniglot" else 1
+        self.objective = FewShotObjective(self.model, kind=self.tasks.kind, inner_batch_size=cfg.inner.batch_size, n_way=n_way)
         self.learner = build_learner(cfg, self.model, self.objective)
         self.metric = "mse" if self.tasks.kind == "regression" else "accuracy"
 
