@@ -34,13 +34,14 @@ def run_one(name: str, out: Path, minutes: float | None = None) -> dict:
     run_dir = out / name
     log = (out / f"{name}.log").open("w")
     t0 = time.time()
+    stopped = False
     train = subprocess.Popen([sys.executable, "-m", "metarl.cli", "train", str(HERE / f"{name}.yaml"), "--run-dir",
                               str(run_dir), "--no-progress"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         code = train.wait(timeout=None if minutes is None else minutes * 60)
     except subprocess.TimeoutExpired:
         train.send_signal(signal.SIGTERM)
-        code = train.wait()
+        code, stopped = train.wait(), True
         if code not in (0, 130):
             raise RuntimeError(f"{name}: training stopped at the time budget exited with {code}; see {log.name}")
     else:
@@ -56,6 +57,8 @@ def run_one(name: str, out: Path, minutes: float | None = None) -> dict:
            "accuracy": round(result["mean"][-1], 4), "ci95": round(result["ci95"][-1], 4),
            "accuracy_by_step": [round(x, 4) for x in result["mean"]], "num_tasks": result["num_tasks"],
            "target": TARGETS[setting]}
+    if stopped:
+        row["stopped_at_budget"] = f"stopped after {minutes} minutes; the last checkpoint was evaluated"
     print(json.dumps({name: row}), flush=True)
     return row
 
