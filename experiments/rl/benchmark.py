@@ -16,9 +16,12 @@ Usage::
     python experiments/rl/benchmark.py navigation2d/maml_trpo [halfcheetah_vel/maml_trpo ...] \\
         [--out runs/rl-bench] [--minutes M] [--tag T] [--no-eval] [key=value ...]
 
-``--minutes M`` stops training after the first iteration that ends past M minutes (for "as many
-iterations as fit in an hour") by resuming with a lower ``num_iterations``; overrides apply to
-every config.
+``--minutes M`` stops training (SIGTERM, which ``metarl train`` treats like Ctrl-C, keeping the
+last checkpoint) once the run's training time passes M minutes, for "as many iterations as fit
+in an hour". The training time is the sum of the logged ``time/iteration`` of a resumed run plus
+this invocation's wall time, so an hour-long run may be split over several invocations (a
+stopped run resumes where its checkpoint left off, with the same result as an uninterrupted
+one). Overrides apply to every config.
 """
 
 from __future__ import annotations
@@ -45,21 +48,24 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 
 def train(name: str, run_dir: Path, overrides: list[str], minutes: float | None, log) -> float:
+    """Train (or resume) the run; returns its total training time in seconds."""
     cmd = [sys.executable, "-m", "metarl.cli", "train", str(ROOT / "experiments" / f"{name}.yaml"),
            "--run-dir", str(run_dir), "--no-progress", *overrides]
+    spent = 0.0
     if (run_dir / "config.yaml").exists():
         cmd = [sys.executable, "-m", "metarl.cli", "train", "--resume", "--run-dir", str(run_dir), "--no-progress"]
+        spent = sum(r["time/iteration"] for r in read_rows(run_dir))
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     while proc.poll() is None:
         time.sleep(5)
-        if minutes is not None and time.time() - t0 > minutes * 60:
+        if minutes is not None and spent + time.time() - t0 > minutes * 60:
             proc.send_signal(signal.SIGTERM)  # metarl train stops cleanly (as on Ctrl-C); the last checkpoint stays
             proc.wait()
             break
     if proc.returncode not in (0, 130, None):
         raise RuntimeError(f"{name}: metarl train failed (exit {proc.returncode}); see the log")
-    return time.time() - t0
+    return spent + time.time() - t0
 
 
 def summarize(name: str, run_dir: Path, eval_json: Path | None, train_s: float | None) -> dict:
