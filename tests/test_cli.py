@@ -561,3 +561,25 @@ def test_sigterm_stops_training_like_ctrl_c(tmp_path):
             proc.kill()
     assert proc.returncode == 130 and "interrupted" in err and "--resume" in err
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] % 20 == 0
+
+
+def test_sigterm_stops_training_with_ray_workers(tmp_path):
+    """ray.init installs a SIGTERM handler that aborts; metarl keeps its own, so a run on Ray
+    workers also stops cleanly with its last checkpoint."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "metarl.cli", "train", str(REPO_ROOT / "experiments" / "navigation2d" / "maml_trpo.yaml"),
+           "--run-dir", str(run), "--no-progress", "num_iterations=100000", "checkpoint_every=1", "threads=1",
+           "ray.workers=1", "meta_batch_size=2", "episodes_per_task=2"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "--resume" in err, err[-2000:]
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] >= 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -54,7 +55,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
     else:
         kwargs.pop("include_dashboard")  # a cluster's dashboard is set by `ray start`
+    # ray.init replaces the process's SIGTERM handler with one that aborts (exit by SIGABRT);
+    # keep the application's own (``metarl train`` stops on SIGTERM as on Ctrl-C, checkpoint kept).
+    handler = signal.getsignal(signal.SIGTERM)
     ray.init(address=address, **kwargs)
+    if callable(handler):
+        signal.signal(signal.SIGTERM, handler)
 
 
 class _RolloutWorker:
