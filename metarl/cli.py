@@ -358,20 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop_on_sigterm(signum, frame) -> None:
-    """SIGTERM (e.g. a scheduler stopping the job) stops like Ctrl-C: logs closed, last checkpoint kept."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     from envs.base import InvalidTask
     from metarl.fewshot.omniglot import OmniglotDataNotFound
-    from metarl.run import RunError
+    from metarl.run import RunError, StopRequest
 
     import signal
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        # SIGTERM (e.g. a scheduler stopping the job) stops training like Ctrl-C at the end of
+        # the current iteration: logs closed, last checkpoint kept.
+        signal.signal(signal.SIGTERM, StopRequest.handle_sigterm)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (`train cfg.yaml --no-progress seed=3`)

@@ -125,3 +125,25 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl``."""
     path = Path(run_dir) / METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class StopRequest:
+    """A stop asked for from outside (SIGTERM): training loops honour it between iterations.
+
+    Raising from the signal handler itself could interrupt a checkpoint or log write half way;
+    the first request is only recorded, a second one interrupts at once.
+    """
+
+    requested = False
+
+    @classmethod
+    def handle_sigterm(cls, signum: int, frame: Any) -> None:
+        if cls.requested:
+            raise KeyboardInterrupt
+        cls.requested = True
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise KeyboardInterrupt (stop like Ctrl-C) if a stop was requested."""
+        if cls.requested:
+            raise KeyboardInterrupt

@@ -27,7 +27,8 @@ from metarl.fewshot.omniglot import FewShotSampler, Omniglot
 from metarl.fewshot.sinusoid import SinusoidTasks
 from metarl.functional import inner_lrs
 from metarl.metalearners import FOMAML, MAML, MetaLearner, Pretrain, Reptile
-from metarl.run import CHECKPOINT, MetricsLogger, RunError, resolve_device, restore_checkpoint, save_checkpoint
+from metarl.run import (CHECKPOINT, MetricsLogger, RunError, StopRequest, resolve_device, restore_checkpoint,
+                        save_checkpoint)
 
 TRAIN, VAL, TEST = 0, 1, 2
 
@@ -152,6 +153,7 @@ class FewShotExperiment:
         bar = tqdm(total=cfg.num_iterations, initial=start, disable=not progress, desc=f"{cfg.family}/{cfg.algorithm}", unit="it")
         try:
             for it in range(start, cfg.num_iterations):
+                StopRequest.check()
                 t0 = time.perf_counter()
                 tasks = self.sample("train", cfg.meta_batch_size, np.random.default_rng([cfg.seed, TRAIN, it]))
                 t1 = time.perf_counter()

@@ -37,7 +37,8 @@ from metarl.baselines import LinearFeatureBaseline
 from metarl.episodes import Episodes, compute_advantages
 from metarl.functional import inner_lrs
 from metarl.rl.config import RLConfig
-from metarl.run import CHECKPOINT, MetricsLogger, RunError, resolve_device, restore_checkpoint, save_checkpoint
+from metarl.run import (CHECKPOINT, MetricsLogger, RunError, StopRequest, resolve_device, restore_checkpoint,
+                        save_checkpoint)
 from metarl.sampling import RaySampler, VectorSampler, task_seeds
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -225,6 +226,7 @@ class RLExperiment:
         bar = tqdm(total=cfg.num_iterations, initial=start, disable=not progress, desc=f"{cfg.family}/{cfg.algorithm}", unit="it")
         try:
             for it in range(start, cfg.num_iterations):
+                StopRequest.check()
                 row = self.train_iteration(it)
                 if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or it + 1 == cfg.num_iterations):
                     row.update(self.validate())
