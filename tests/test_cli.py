@@ -544,13 +544,12 @@ def test_readme_config_reference_matches_the_code():
         assert describe(cls).strip() in readme, f"README's config reference is stale for {cls.__name__}"
 
 
-def test_sigterm_stops_training_like_ctrl_c(tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "metarl.cli", "train", str(SINUSOID), "--run-dir", str(run), "--no-progress",
-           "num_iterations=100000", "checkpoint_every=20", "eval.every=0", "threads=1"]
+def _train_then_sigterm(run, config, overrides, *, start_timeout):
+    """Start `metarl train`, send SIGTERM once its first checkpoint exists; (exit status, stderr)."""
+    cmd = [sys.executable, "-m", "metarl.cli", "train", str(config), "--run-dir", str(run), "--no-progress", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_timeout
         while not (run / "checkpoint.pt").exists():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
@@ -559,7 +558,14 @@ def test_sigterm_stops_training_like_ctrl_c(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130 and "interrupted" in err and "--resume" in err
+    return proc.returncode, err
+
+
+def test_sigterm_stops_training_like_ctrl_c(tmp_path):
+    run = tmp_path / "run"
+    code, err = _train_then_sigterm(run, SINUSOID, ["num_iterations=100000", "checkpoint_every=20", "eval.every=0",
+                                                    "threads=1"], start_timeout=120)
+    assert code == 130 and "interrupted" in err and "--resume" in err
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] % 20 == 0
 
 
@@ -567,19 +573,9 @@ def test_sigterm_stops_training_with_ray_workers(tmp_path):
     """ray.init installs a SIGTERM handler that aborts; metarl keeps its own, so a run on Ray
     workers also stops cleanly with its last checkpoint."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "metarl.cli", "train", str(REPO_ROOT / "experiments" / "navigation2d" / "maml_trpo.yaml"),
-           "--run-dir", str(run), "--no-progress", "num_iterations=100000", "checkpoint_every=1", "threads=1",
-           "ray.workers=1", "meta_batch_size=2", "episodes_per_task=2"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (run / "checkpoint.pt").exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130 and "interrupted" in err and "--resume" in err, err[-2000:]
+    code, err = _train_then_sigterm(
+        run, REPO_ROOT / "experiments" / "navigation2d" / "maml_trpo.yaml",
+        ["num_iterations=100000", "checkpoint_every=1", "threads=1", "ray.workers=1", "meta_batch_size=2",
+         "episodes_per_task=2"], start_timeout=180)
+    assert code == 130 and "interrupted" in err and "--resume" in err, err[-2000:]
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] >= 1

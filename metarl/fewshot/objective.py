@@ -41,8 +41,8 @@ class FewShotObjective:
             return None
         if n % self.n_way:
             raise ValueError(f"support size {n} is not a multiple of n_way={self.n_way}")
-        shot_major = torch.arange(n).view(self.n_way, n // self.n_way).t().reshape(-1)
-        return shot_major[(step * b + torch.arange(b)) % n]
+        pos = (step * b + torch.arange(b)) % n  # positions in shot-major order
+        return (pos % self.n_way) * (n // self.n_way) + pos // self.n_way  # class-major rows
 
     def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = call(self.model, params, x)
