@@ -153,6 +153,7 @@ def test_ray_sampler_equals_the_in_process_sampler(ray_local, workers):
     stacked = {k: v.detach() + 0.01 * torch.arange(5.0).view(5, *[1] * v.dim()) for k, v in policy.params().items()}
     sampler = RaySampler(CHEETAH, policy=policy, episodes_per_task=2, horizon=25, num_workers=workers)
     try:
+        assert sampler.horizon == local.horizon == 25
         assert equal(sampler.sample(policy.params(), tasks, seeds), local.sample(policy, policy.params(), tasks, seeds))
         assert equal(sampler.sample(stacked, tasks, seeds, per_task=True),
                      local.sample(policy, stacked, tasks, seeds, per_task=True))

@@ -116,12 +116,16 @@ class RaySampler:
     ) -> None:
         import ray
 
+        from metarl.sampling.vector import resolve_horizon
+
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        horizon = resolve_horizon(env_id, horizon)
         init_ray(address, num_cpus=None if address else num_workers)
         self._remote_cls = ray.remote(num_cpus=1, max_restarts=0)(_RolloutWorker)
         self._args = (env_id, policy, episodes_per_task, horizon, dict(env_kwargs or {}))
         self.episodes_per_task = episodes_per_task
+        self.horizon = horizon
         self.num_workers = num_workers
         self.max_replacements = max_replacements
         self.on_event = on_event

@@ -138,6 +138,21 @@ class _ListBatch:
             env.close()
 
 
+def _spec(env_id: str):
+    try:
+        return gym.spec(env_id)
+    except gym.error.Error as e:
+        raise ValueError(f"unknown env id {env_id!r}: {e}") from None
+
+
+def resolve_horizon(env_id: str, horizon: int | None) -> int:
+    """The longest episode: ``horizon``, or else the registration's ``max_episode_steps``."""
+    h = int(horizon if horizon is not None else _spec(env_id).max_episode_steps or 0)
+    if h < 1:
+        raise ValueError(f"horizon must be >= 1 (none given and {env_id} registers no max_episode_steps)")
+    return h
+
+
 class VectorSampler:
     """Samples ``episodes_per_task`` episodes for each task of a meta-batch, all in lock-step.
 
@@ -158,15 +173,10 @@ class VectorSampler:
     ) -> None:
         if episodes_per_task < 1:
             raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
-        try:
-            spec = gym.spec(env_id)
-        except gym.error.Error as e:
-            raise ValueError(f"unknown env id {env_id!r}: {e}") from None
+        spec = _spec(env_id)
         self.env_id = env_id
         self.episodes_per_task = episodes_per_task
-        self.horizon = int(horizon if horizon is not None else spec.max_episode_steps or 0)
-        if self.horizon < 1:
-            raise ValueError(f"horizon must be >= 1 (none given and {env_id} registers no max_episode_steps)")
+        self.horizon = resolve_horizon(env_id, horizon)
         self.env_kwargs = dict(env_kwargs or {})
         self._native = spec.vector_entry_point is not None
         self._batch: _NativeBatch | _ListBatch | None = None
