@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -261,6 +262,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _evaluate_baselines(args, exp, run_dir: Path, iteration: int, num_tasks: int, steps: int) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -271,11 +276,15 @@ def _evaluate_baselines(args, exp, run_dir: Path, iteration: int, num_tasks: int
     if pretrain < 1 or args.oracle_steps < 1 or (args.oracle_tasks is not None and args.oracle_tasks < 1):
         raise ConfigError("--pretrain-steps, --oracle-steps and --oracle-tasks must be >= 1")
     oracle_tasks = min(args.oracle_tasks or num_tasks, num_tasks)
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    jobs = args.jobs or _usable_cores()
     t0 = time.perf_counter()
     result = evaluate_with_baselines(exp, num_tasks=num_tasks, steps=steps, seed=args.seed, pretrain_steps=pretrain,
-                                     oracle_steps=args.oracle_steps, oracle_tasks=oracle_tasks,
+                                     oracle_steps=args.oracle_steps, oracle_tasks=oracle_tasks, jobs=jobs,
                                      log=lambda m: print(f"  {m} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr))
     result["iteration"] = iteration
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     print(f"{run_dir} at iteration {iteration}: return on {num_tasks} held-out tasks after 0..{steps} adaptation steps")
     print(f"{'method':<12} " + "  ".join(f"{'step ' + str(s):>16}" for s in result["steps"]))
     for name, m in result["methods"].items():
@@ -324,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the run's env steps, at most 1,000,000)")
     ev.add_argument("--oracle-steps", type=int, default=200_000, help="--baselines: PPO steps per oracle task (default 200k)")
     ev.add_argument("--oracle-tasks", type=int, help="--baselines: how many of the tasks get an oracle (default: all)")
+    ev.add_argument("--jobs", type=int, help="--baselines: worker processes for the PPO runs (default: the usable "
+                    "CPU cores); the figures do not depend on it")
     ev.set_defaults(func=cmd_evaluate)
 
     ad = sub.add_parser("adapt", help="adapt a meta-trained policy to a new task",

@@ -115,22 +115,31 @@ def test_cli_plot_writes_a_png(run_dir, tmp_path):
 
 def test_evaluate_with_baselines_scores_every_method_on_a_tiny_budget(run_dir, tmp_path):
     out = tmp_path / "baselines.json"
-    result = metarl_cli("evaluate", str(run_dir), "--baselines", "--num-tasks", "2", "--steps", "1",
-                        "--pretrain-steps", "400", "--oracle-steps", "400", "--oracle-tasks", "1", "--json", str(out))
+    budget = ["--num-tasks", "2", "--steps", "1", "--pretrain-steps", "400", "--oracle-steps", "400", "--oracle-tasks", "1"]
+    result = metarl_cli("evaluate", str(run_dir), "--baselines", *budget, "--jobs", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     ev = json.loads(out.read_text())
-    assert ev["metric"] == "return" and ev["steps"] == [0, 1] and ev["num_tasks"] == 2
+    assert ev["metric"] == "return" and ev["steps"] == [0, 1] and ev["num_tasks"] == 2 and ev["jobs"] == 2
     assert set(ev["methods"]) == {"meta", "random_init", "pretrained", "ppo_scratch", "oracle"}
     for name, m in ev["methods"].items():
         assert len(m["mean"]) == len(m["ci95"]) == 2 and all(np.isfinite(m["mean"])), name
     assert ev["methods"]["oracle"]["num_tasks"] == 1 and ev["methods"]["oracle"]["mean"][0] == ev["methods"]["oracle"]["mean"][1]
     assert ev["methods"]["pretrained"]["pretrain_env_steps"] == 400
+    assert (run_dir / "eval_baselines.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run_dir / "eval").glob("events.out.tfevents.*"))
+    # the PPO jobs in worker processes give exactly the figures of the same jobs run one after another here
+    serial = tmp_path / "serial.json"
+    result = metarl_cli("evaluate", str(run_dir), "--baselines", *budget, "--jobs", "1", "--json", str(serial))
+    assert result.returncode == 0, result.stderr
+    one = json.loads(serial.read_text())
+    for name, m in ev["methods"].items():
+        assert (one["methods"][name]["mean"], one["methods"][name]["ci95"]) == (m["mean"], m["ci95"]), name
     # the meta row is exactly `metarl evaluate` on the same tasks
     plain = tmp_path / "plain.json"
     assert metarl_cli("evaluate", str(run_dir), "--num-tasks", "2", "--steps", "1", "--json", str(plain)).returncode == 0
     assert json.loads(plain.read_text())["mean"] == ev["methods"]["meta"]["mean"]
-    assert (run_dir / "eval_baselines.png").read_bytes()[:4] == b"\x89PNG"
-    assert list((run_dir / "eval").glob("events.out.tfevents.*"))
+    result = metarl_cli("evaluate", str(run_dir), "--baselines", *budget, "--jobs", "0")
+    assert result.returncode == 2 and "--jobs must be >= 1, got 0" in result.stderr
 
 
 def test_video_is_recorded_or_explained(run_dir, tmp_path):

@@ -21,6 +21,8 @@ critic, on CPU.
 from __future__ import annotations
 
 import copy
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -67,26 +69,46 @@ def _batch_size(n: int, most: int = 64) -> int:
     return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
 
 
-def _policy_kwargs(exp: RLExperiment) -> dict[str, Any]:
-    p = exp.cfg.policy
-    act = torch.nn.Tanh if p.activation == "tanh" else torch.nn.ReLU
-    return {"net_arch": {"pi": list(p.hidden), "vf": list(p.hidden)}, "activation_fn": act,
-            "log_std_init": float(np.log(p.init_std))}
+@dataclass(frozen=True)
+class PPOSetting:
+    """What a PPO baseline needs from the run: plain data, so jobs can run in worker processes."""
+
+    env_id: str
+    env_kwargs: dict[str, Any]
+    horizon: int
+    episodes: int
+    hidden: tuple[int, ...]
+    activation: str
+    init_std: float
+
+    @classmethod
+    def of(cls, exp: RLExperiment) -> PPOSetting:
+        cfg = exp.cfg
+        return cls(env_id=cfg.env_id, env_kwargs=cfg.env_kwargs(test=True), horizon=exp.sampler().horizon,
+                   episodes=cfg.eval.episodes_per_task or cfg.episodes_per_task, hidden=tuple(cfg.policy.hidden),
+                   activation=cfg.policy.activation, init_std=cfg.policy.init_std)
 
 
-def _make_env(exp: RLExperiment, task: dict[str, Any] | None):
-    cfg = exp.cfg
-    env = gym.make(cfg.env_id, max_episode_steps=exp.sampler().horizon, **cfg.env_kwargs(test=True))
+def _policy_kwargs(s: PPOSetting) -> dict[str, Any]:
+    act = torch.nn.Tanh if s.activation == "tanh" else torch.nn.ReLU
+    return {"net_arch": {"pi": list(s.hidden), "vf": list(s.hidden)}, "activation_fn": act,
+            "log_std_init": float(np.log(s.init_std))}
+
+
+def _make_env(s: PPOSetting, task: dict[str, Any] | None):
+    import envs  # noqa: F401  (registers the metarl/ ids in a fresh worker process)
+
+    env = gym.make(s.env_id, max_episode_steps=s.horizon, **s.env_kwargs)
     if task is not None:
         env.unwrapped.set_task(task, allow_out_of_range=True)
     return env
 
 
-def _ppo(exp: RLExperiment, env: gym.Env, *, n_steps: int, seed: int):
+def _ppo(s: PPOSetting, env: gym.Env, *, n_steps: int, seed: int):
     """SB3 PPO with the policy's MLP for actor and critic, on CPU, mini-batches dividing the rollout."""
     from stable_baselines3 import PPO
 
-    return PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(exp), n_steps=n_steps, batch_size=_batch_size(n_steps),
+    return PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(s), n_steps=n_steps, batch_size=_batch_size(n_steps),
                seed=seed, device="cpu", verbose=0)
 
 
@@ -115,15 +137,12 @@ def random_init_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: in
     return with_policy_params(exp, params, lambda: exp.curve(TEST, seed, num_tasks, steps=steps))
 
 
-def pretrain_multitask(exp: RLExperiment, *, total_steps: int, seed: int) -> tuple[dict[str, torch.Tensor], float]:
+def pretrain_job(s: PPOSetting, total_steps: int, seed: int) -> tuple[dict[str, torch.Tensor], float]:
     """SB3 PPO on the task distribution (task hidden): the actor's parameters and the wall time."""
-    import time
-
     from metarl.export import from_sb3
 
-    env = _MultiTaskEnv(_make_env(exp, None))
-    model = _ppo(exp, env, n_steps=max(64, 10 * exp.sampler().horizon), seed=seed)
     t0 = time.perf_counter()
+    model = _ppo(s, _MultiTaskEnv(_make_env(s, None)), n_steps=max(64, 10 * s.horizon), seed=seed)
     model.learn(total_timesteps=total_steps)
     policy = from_sb3(model)
     return {k: v.detach() for k, v in policy.named_parameters()}, time.perf_counter() - t0
@@ -138,35 +157,25 @@ def pretrained_curve(exp: RLExperiment, params: dict[str, torch.Tensor], *, num_
     return with_policy_params(exp, fitted, lambda: exp.curve(TEST, seed, num_tasks, steps=steps))
 
 
-def ppo_scratch_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int) -> np.ndarray:
-    """PPO from scratch per task with the adaptation's budget: ``[num_tasks, steps + 1]``."""
-    episodes = exp.cfg.eval.episodes_per_task or exp.cfg.episodes_per_task
-    horizon = exp.sampler().horizon
-    tasks = exp.sample_tasks(TEST, seed, num_tasks)
-    rows = []
-    for i, task in enumerate(tasks):
-        env = _EpisodeReturns(_make_env(exp, task))
-        model = _ppo(exp, env, n_steps=episodes * horizon, seed=seed * 100_003 + i)
-        row = []
-        for _ in range(steps + 1):  # each learn() call: one rollout of `episodes` episodes, then one PPO update
-            start = len(env.returns)
-            model.learn(total_timesteps=episodes * horizon, reset_num_timesteps=False)
-            row.append(float(np.mean(env.returns[start:])) if len(env.returns) > start else float("nan"))
-        rows.append(row)
-    return np.asarray(rows)
+def ppo_scratch_job(s: PPOSetting, task: dict[str, Any], steps: int, seed: int) -> tuple[list[float], float]:
+    """PPO from scratch on one task with the adaptation's budget: the return after 0..steps PPO updates."""
+    t0 = time.perf_counter()
+    env = _EpisodeReturns(_make_env(s, task))
+    model = _ppo(s, env, n_steps=s.episodes * s.horizon, seed=seed)
+    row = []
+    for _ in range(steps + 1):  # each learn() call: one rollout of `episodes` episodes, then one PPO update
+        start = len(env.returns)
+        model.learn(total_timesteps=s.episodes * s.horizon, reset_num_timesteps=False)
+        row.append(float(np.mean(env.returns[start:])) if len(env.returns) > start else float("nan"))
+    return row, time.perf_counter() - t0
 
 
-def oracle_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int, total_steps: int) -> np.ndarray:
-    """PPO trained for ``total_steps`` on each task, scored by ``E`` fresh episodes (constant across steps)."""
-    episodes = exp.cfg.eval.episodes_per_task or exp.cfg.episodes_per_task
-    horizon = exp.sampler().horizon
-    tasks = exp.sample_tasks(TEST, seed, num_tasks)
-    scores = []
-    for i, task in enumerate(tasks):
-        model = _ppo(exp, _make_env(exp, task), n_steps=max(64, 10 * horizon), seed=seed * 100_003 + i)
-        model.learn(total_timesteps=total_steps)
-        scores.append(_score(model, _make_env(exp, task), episodes, seed=seed * 100_003 + i))
-    return np.repeat(np.asarray(scores)[:, None], steps + 1, axis=1)
+def oracle_job(s: PPOSetting, task: dict[str, Any], total_steps: int, seed: int) -> tuple[float, float]:
+    """PPO trained for ``total_steps`` on one task, scored by ``E`` fresh episodes."""
+    t0 = time.perf_counter()
+    model = _ppo(s, _make_env(s, task), n_steps=max(64, 10 * s.horizon), seed=seed)
+    model.learn(total_timesteps=total_steps)
+    return _score(model, _make_env(s, task), s.episodes, seed=seed), time.perf_counter() - t0
 
 
 def _score(model, env: gym.Env, episodes: int, *, seed: int) -> float:
@@ -186,35 +195,75 @@ def _score(model, env: gym.Env, episodes: int, *, seed: int) -> float:
 METHODS = ("meta", "random_init", "pretrained", "ppo_scratch", "oracle")
 
 
+class _Deferred:
+    """A job run in this process when its result is asked for (``jobs=1``: the order of the calls)."""
+
+    def __init__(self, fn, *args) -> None:
+        self._call = (fn, args)
+
+    def result(self):
+        fn, args = self._call
+        return fn(*args)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
 def evaluate_with_baselines(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int, pretrain_steps: int,
-                            oracle_steps: int, oracle_tasks: int, log=print) -> dict[str, Any]:
-    """Every method's return after 0..steps adaptation steps on the same held-out tasks, mean and 95% CI."""
-    import time
+                            oracle_steps: int, oracle_tasks: int, jobs: int = 1, log=print) -> dict[str, Any]:
+    """Every method's return after 0..steps adaptation steps on the same held-out tasks, mean and 95% CI.
 
-    def summary(values: np.ndarray, seconds: float) -> dict[str, Any]:
-        return {**mean_and_ci95(values), "seconds": round(seconds, 1)}
+    The PPO runs (the multi-task policy, PPO from scratch on each task, each oracle) are
+    independent jobs, each seeded by its own task index; ``jobs > 1`` runs them in that many
+    worker processes (one torch thread each) while this process scores the meta-policy and the
+    random initialisation. The figures do not depend on ``jobs``. A method's ``seconds`` is the
+    time of its jobs added up (its wall time when ``jobs=1``).
+    """
+    s = PPOSetting.of(exp)
+    task_seed = lambda i: seed * 100_003 + i  # noqa: E731
+    tasks = exp.sample_tasks(TEST, seed, num_tasks)
+    pool = None
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    methods: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    methods["meta"] = summary(meta_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed), time.perf_counter() - t0)
-    log("meta done")
-    t0 = time.perf_counter()
-    methods["random_init"] = summary(random_init_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed),
-                                     time.perf_counter() - t0)
-    log("random_init done")
-    params, pretrain_s = pretrain_multitask(exp, total_steps=pretrain_steps, seed=seed)
-    t0 = time.perf_counter()
-    methods["pretrained"] = summary(pretrained_curve(exp, params, num_tasks=num_tasks, steps=steps, seed=seed),
-                                    pretrain_s + time.perf_counter() - t0)
-    methods["pretrained"]["pretrain_env_steps"] = pretrain_steps
-    log(f"pretrained done ({pretrain_steps} PPO steps)")
-    t0 = time.perf_counter()
-    methods["ppo_scratch"] = summary(ppo_scratch_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed),
-                                     time.perf_counter() - t0)
-    log("ppo_scratch done")
-    t0 = time.perf_counter()
-    methods["oracle"] = summary(oracle_curve(exp, num_tasks=oracle_tasks, steps=steps, seed=seed,
-                                             total_steps=oracle_steps), time.perf_counter() - t0)
-    methods["oracle"]["train_env_steps_per_task"] = oracle_steps
-    log("oracle done")
-    return {"metric": "return", "steps": list(range(steps + 1)), "num_tasks": num_tasks, "methods": methods}
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    submit = pool.submit if pool is not None else _Deferred
+    try:
+        # longest first, so the workers finish together
+        pretrain = submit(pretrain_job, s, pretrain_steps, seed)
+        oracle = [submit(oracle_job, s, task, oracle_steps, task_seed(i))
+                  for i, task in enumerate(exp.sample_tasks(TEST, seed, oracle_tasks))]
+        scratch = [submit(ppo_scratch_job, s, task, steps, task_seed(i)) for i, task in enumerate(tasks)]
+
+        def summary(values: np.ndarray, seconds: float) -> dict[str, Any]:
+            return {**mean_and_ci95(np.asarray(values)), "seconds": round(seconds, 1)}
+
+        methods: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        methods["meta"] = summary(meta_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed), time.perf_counter() - t0)
+        log("meta done")
+        t0 = time.perf_counter()
+        methods["random_init"] = summary(random_init_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed),
+                                         time.perf_counter() - t0)
+        log("random_init done")
+        params, pretrain_s = pretrain.result()
+        t0 = time.perf_counter()
+        methods["pretrained"] = summary(pretrained_curve(exp, params, num_tasks=num_tasks, steps=steps, seed=seed),
+                                        pretrain_s + time.perf_counter() - t0)
+        methods["pretrained"]["pretrain_env_steps"] = pretrain_steps
+        log(f"pretrained done ({pretrain_steps} PPO steps)")
+        rows = [job.result() for job in scratch]
+        methods["ppo_scratch"] = summary([r for r, _ in rows], sum(t for _, t in rows))
+        log("ppo_scratch done")
+        scores = [job.result() for job in oracle]
+        methods["oracle"] = summary(np.repeat(np.asarray([v for v, _ in scores])[:, None], steps + 1, axis=1),
+                                    sum(t for _, t in scores))
+        methods["oracle"]["train_env_steps_per_task"] = oracle_steps
+        log("oracle done")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return {"metric": "return", "steps": list(range(steps + 1)), "num_tasks": num_tasks, "jobs": jobs,
+            "methods": methods}
