@@ -221,7 +221,10 @@ def evaluate_with_baselines(exp: RLExperiment, *, num_tasks: int, steps: int, se
     time of its jobs added up (its wall time when ``jobs=1``).
     """
     s = PPOSetting.of(exp)
-    task_seed = lambda i: seed * 100_003 + i  # noqa: E731
+
+    def task_seed(i: int) -> int:
+        return seed * 100_003 + i
+
     tasks = exp.sample_tasks(TEST, seed, num_tasks)
     pool = None
     if jobs > 1:
