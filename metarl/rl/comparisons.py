@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from metarl.rl.experiment import TEST, RLExperiment, mean_and_ci95
+from metarl.sampling.vector import resolve_horizon
 
 
 class _MultiTaskEnv(gym.Wrapper):
@@ -84,7 +85,7 @@ class PPOSetting:
     @classmethod
     def of(cls, exp: RLExperiment) -> PPOSetting:
         cfg = exp.cfg
-        return cls(env_id=cfg.env_id, env_kwargs=cfg.env_kwargs(test=True), horizon=exp.sampler().horizon,
+        return cls(env_id=cfg.env_id, env_kwargs=cfg.env_kwargs(test=True), horizon=resolve_horizon(cfg.env_id, cfg.horizon),
                    episodes=cfg.eval.episodes_per_task or cfg.episodes_per_task, hidden=tuple(cfg.policy.hidden),
                    activation=cfg.policy.activation, init_std=cfg.policy.init_std)
 
