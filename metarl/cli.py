@@ -377,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        # SIGTERM (e.g. a scheduler stopping the job) stops training like Ctrl-C at the end of
-        # the current iteration: logs closed, last checkpoint kept.
+        # SIGTERM (e.g. a scheduler stopping the job) stops training at the end of the current
+        # iteration, with a checkpoint of every iteration done and the logs closed.
         signal.signal(signal.SIGTERM, StopRequest.handle_sigterm)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

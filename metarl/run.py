@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,10 @@ class StopRequest:
         cls.requested = True
 
     @classmethod
-    def check(cls) -> None:
-        """Raise KeyboardInterrupt (stop like Ctrl-C) if a stop was requested."""
+    def check(cls, save: Callable[[], None] | None = None) -> None:
+        """Raise KeyboardInterrupt (stop like Ctrl-C) if a stop was requested, after ``save()``:
+        the training loops pass the checkpoint of the iterations done, so a stop loses none."""
         if cls.requested:
+            if save is not None:
+                save()
             raise KeyboardInterrupt

@@ -16,12 +16,12 @@ Usage::
     python experiments/rl/benchmark.py navigation2d/maml_trpo [halfcheetah_vel/maml_trpo ...] \\
         [--out runs/rl-bench] [--minutes M] [--tag T] [--no-eval] [key=value ...]
 
-``--minutes M`` stops training (SIGTERM, which ``metarl train`` treats like Ctrl-C, keeping the
-last checkpoint) once the run's training time passes M minutes, for "as many iterations as fit
-in an hour". The training time is the sum of the logged ``time/iteration`` of a resumed run plus
-this invocation's wall time, so an hour-long run may be split over several invocations (a
-stopped run resumes where its checkpoint left off, with the same result as an uninterrupted
-one). Overrides apply to every config.
+``--minutes M`` stops training (SIGTERM: ``metarl train`` ends the current iteration and writes
+a checkpoint of every iteration done) once the run's training time passes M minutes, for "as
+many iterations as fit in an hour". The training time is the sum of the logged
+``time/iteration`` of a resumed run plus this invocation's wall time, so an hour-long run may be
+split over several invocations (a stopped run resumes where its checkpoint left off, with the
+same result as an uninterrupted one). Overrides apply to every config.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def train(name: str, run_dir: Path, overrides: list[str], minutes: float | None,
     while proc.poll() is None:
         time.sleep(5)
         if minutes is not None and spent + time.time() - t0 > minutes * 60:
-            proc.send_signal(signal.SIGTERM)  # metarl train stops cleanly (as on Ctrl-C); the last checkpoint stays
+            proc.send_signal(signal.SIGTERM)  # metarl train stops after this iteration, checkpoint written
             proc.wait()
             break
     if proc.returncode not in (0, 130, None):

@@ -153,9 +153,8 @@ class FewShotExperiment:
         bar = tqdm(total=cfg.num_iterations, initial=start, disable=not progress, desc=f"{cfg.family}/{cfg.algorithm}", unit="it")
         try:
             for it in range(start, cfg.num_iterations):
-                if StopRequest.requested and it > start:  # stopping: keep the iterations since the last checkpoint
-                    save_checkpoint(self.state_dict(it), run_dir / CHECKPOINT)
-                StopRequest.check()
+                StopRequest.check(save=(lambda: save_checkpoint(self.state_dict(it), run_dir / CHECKPOINT))
+                                  if it > start else None)  # nothing new to keep before the first iteration
                 t0 = time.perf_counter()
                 tasks = self.sample("train", cfg.meta_batch_size, np.random.default_rng([cfg.seed, TRAIN, it]))
                 t1 = time.perf_counter()

@@ -226,9 +226,8 @@ class RLExperiment:
         bar = tqdm(total=cfg.num_iterations, initial=start, disable=not progress, desc=f"{cfg.family}/{cfg.algorithm}", unit="it")
         try:
             for it in range(start, cfg.num_iterations):
-                if StopRequest.requested and it > start:  # stopping: keep the iterations since the last checkpoint
-                    save_checkpoint(self.state_dict(it), run_dir / CHECKPOINT)
-                StopRequest.check()
+                StopRequest.check(save=(lambda: save_checkpoint(self.state_dict(it), run_dir / CHECKPOINT))
+                                  if it > start else None)  # nothing new to keep before the first iteration
                 row = self.train_iteration(it)
                 if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or it + 1 == cfg.num_iterations):
                     row.update(self.validate())
