@@ -1,0 +1,129 @@
+"""Golden regression tests: the exact ``metrics.jsonl`` rows (and ``eval.json``) of short seeded runs.
+
+The expected rows in ``tests/golden/runs.json`` were recorded from the code before the one-core
+redesign (issue 12); a refactor must reproduce them bit for bit. Timings are left out (the keys
+``time/*`` and ``env_steps_per_s``), everything else is compared exactly.
+
+Re-record (only for a change that is meant to move results; say so in the commit and re-measure)::
+
+    python tests/test_golden.py --record
+
+Floating-point reductions can differ between CPU instruction sets, so the file stores torch's CPU
+capability; on another one the rows are compared to 1e-6 relative instead of exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).with_name("golden") / "runs.json"
+OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+
+COMMON = ["threads=1", "--no-progress"]
+# name -> (config, overrides); each is a few iterations of the real config, validation included.
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "sinusoid_maml": ("experiments/sinusoid/maml.yaml",
+                      ["num_iterations=4", "meta_batch_size=5", "eval.every=2", "eval.val_tasks=8", "eval.chunk=8",
+                       "eval.num_tasks=10", "eval.steps=2"]),
+    "sinusoid_fomaml": ("experiments/sinusoid/fomaml.yaml",
+                        ["num_iterations=3", "meta_batch_size=5", "eval.every=3", "eval.val_tasks=8", "eval.chunk=8",
+                         "eval.num_tasks=10", "eval.steps=2"]),
+    "sinusoid_reptile": ("experiments/sinusoid/reptile.yaml",
+                         ["num_iterations=3", "meta_batch_size=5", "eval.every=3", "eval.val_tasks=8", "eval.chunk=8",
+                          "eval.num_tasks=10", "eval.steps=2"]),
+    "sinusoid_pretrain": ("experiments/sinusoid/pretrain.yaml",
+                          ["num_iterations=3", "meta_batch_size=5", "eval.every=3", "eval.val_tasks=8", "eval.chunk=8",
+                           "eval.num_tasks=10", "eval.steps=2"]),
+    "omniglot_maml_5w1s": ("experiments/omniglot/maml_5w1s.yaml",
+                           ["num_iterations=3", "meta_batch_size=2", "eval.every=3", "eval.val_tasks=4", "eval.chunk=4",
+                            "eval.num_tasks=4", "eval.steps=2", "omniglot.filters=8", f"omniglot.root={OMNIGLOT}"]),
+    "omniglot_reptile_5w1s": ("experiments/omniglot/reptile_5w1s.yaml",
+                              ["num_iterations=2", "meta_batch_size=2", "eval.every=2", "eval.val_tasks=4",
+                               "eval.chunk=4", "eval.num_tasks=4", "eval.steps=2", "omniglot.filters=8",
+                               f"omniglot.root={OMNIGLOT}"]),
+    "navigation2d_maml_trpo": ("experiments/navigation2d/maml_trpo.yaml",
+                               ["num_iterations=3", "meta_batch_size=4", "episodes_per_task=5", "eval.every=3",
+                                "eval.val_tasks=4", "eval.num_tasks=4", "eval.steps=2"]),
+    "navigation2d_fomaml": ("experiments/navigation2d/fomaml.yaml",
+                            ["num_iterations=3", "meta_batch_size=4", "episodes_per_task=5", "eval.every=3",
+                             "eval.val_tasks=4", "eval.num_tasks=4", "eval.steps=2"]),
+    "navigation2d_fomaml_adam": ("experiments/navigation2d/fomaml.yaml",
+                                 ["num_iterations=3", "meta_batch_size=4", "episodes_per_task=5", "outer.optimizer=adam",
+                                  "outer.lr=0.01", "eval.num_tasks=4", "eval.steps=1"]),
+    "navigation2d_reptile": ("experiments/navigation2d/reptile.yaml",
+                             ["num_iterations=3", "meta_batch_size=4", "episodes_per_task=5", "eval.every=3",
+                              "eval.val_tasks=4", "eval.num_tasks=4", "eval.steps=2"]),
+    "halfcheetah_vel_maml_trpo": ("experiments/halfcheetah_vel/maml_trpo.yaml",
+                                  ["num_iterations=1", "meta_batch_size=3", "episodes_per_task=2", "ray.workers=0",
+                                   "eval.num_tasks=2", "eval.steps=1"]),
+}
+NEEDS_OMNIGLOT = {name for name in RUNS if name.startswith("omniglot")}
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time/") and k != "env_steps_per_s"}
+
+
+def run(name: str, out: Path) -> dict:
+    """Train and evaluate one golden run into ``out``; its rows and evaluation."""
+    from metarl.cli import main
+
+    config, overrides = RUNS[name]
+    run_dir = out / name
+    assert main(["train", str(ROOT / config), *overrides, *COMMON, "--run-dir", str(run_dir)]) == 0
+    assert main(["evaluate", str(run_dir)]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"rows": [_comparable(r) for r in rows], "eval": json.loads((run_dir / "eval.json").read_text())}
+
+
+def _close(a, b, rel: float) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=rel, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_golden_run_is_reproduced(name, golden, tmp_path):
+    if name in NEEDS_OMNIGLOT and not OMNIGLOT.is_dir():
+        pytest.skip(f"no Omniglot data at {OMNIGLOT}")
+    got = run(name, tmp_path)
+    want = golden["runs"][name]
+    if golden["cpu_capability"] == torch.backends.cpu.get_cpu_capability():
+        assert got["rows"] == want["rows"]
+        assert got["eval"] == want["eval"]
+    else:  # another instruction set: reductions may round differently
+        assert _close(got, want, 1e-6)
+
+
+def record() -> None:
+    import tempfile
+
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in RUNS:
+            out["runs"][name] = run(name, Path(tmp))
+            print(f"recorded {name}: {len(out['runs'][name]['rows'])} rows", file=sys.stderr)
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--record"]:
+        sys.exit("usage: python tests/test_golden.py --record")
+    record()
