@@ -1,11 +1,11 @@
 """Policy meta-learners: MAML-TRPO (second order), FOMAML (first order; TRPO or Adam outer step)
-and Reptile, on top of the functional inner loop of :mod:`metarl.functional`.
+and Reptile, on top of the functional inner loop of :mod:`metarl.core.functional`.
 
 Shapes: a meta-batch has ``N`` tasks; per-task parameters carry a leading ``[N, ...]`` dimension
 (the policy runs each task's observations through that task's parameters in one batched matmul).
 The inner loop is batched across tasks: the inner loss of the meta-batch is the *sum* of the
 tasks' losses, so its gradient with respect to the per-task parameters ``[N, ...]`` is each
-task's own gradient, and one ``metarl.functional.adapt`` call adapts every task at once.
+task's own gradient, and one ``metarl.core.functional.adapt`` call adapts every task at once.
 
 One inner step, for task ``i`` with training episodes ``D_i`` (sampled with the current
 parameters) and their advantages ``A``::
@@ -46,10 +46,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from metarl.episodes import Episodes
-from metarl.functional import Params, adapt
-from metarl.metalearners import linear_anneal
-from metarl.optim import conjugate_gradient, flatten, line_search, trpo_step_size, unflatten
+from metarl.rl.episodes import Episodes
+from metarl.core.functional import Params, adapt
+from metarl.core.metalearning import linear_anneal
+from metarl.core.trpo import conjugate_gradient, flatten, line_search, trpo_step_size, unflatten
 
 
 class StepData(NamedTuple):

@@ -19,7 +19,7 @@ TINY = ["num_iterations=2", "meta_batch_size=2", "episodes_per_task=2", "horizon
 
 
 def metarl_cli(*args):
-    return subprocess.run([sys.executable, "-m", "metarl.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "metarl", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_evaluate_with_baselines_scores_every_method_on_a_tiny_budget(run_dir, t
 def test_video_is_recorded_or_explained(run_dir, tmp_path):
     import gymnasium as gym
 
-    from metarl.adapt import VideoUnavailable, record_video
+    from metarl.app.adapt import VideoUnavailable, record_video
 
     # a family without a renderer: a clear message and exit status 0 (the adapted policy is saved)
     result = metarl_cli("adapt", str(run_dir), "--task", '{"goal": [0.2, 0.2]}', "--episodes", "2", "--video",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metarl.cli import main
-from metarl.fewshot.classifier import FewShotClassifier
-from metarl.run import RunError
+from metarl.app.cli import main
+from metarl.app.classifier import FewShotClassifier
+from metarl.runs.rundir import RunError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"Omniglot data not found at {DATA}")

@@ -1,7 +1,7 @@
 """End-to-end tests of the ``metarl`` command: train, evaluate, errors, resume, atomic checkpoints.
 
 Budgets are tiny (sinusoid: ~20 iterations, meta-batch 5; Omniglot: 8 filters, meta-batch 2)
-and everything but the kill test runs in-process through :func:`metarl.cli.main`.
+and everything but the kill test runs in-process through :func:`metarl.app.cli.main`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from metarl.cli import main
-from metarl.config import load_config, to_dict
-from metarl.fewshot.config import FewShotConfig
-from metarl.run import load_checkpoint, read_metrics, save_checkpoint
+from metarl.app.cli import main
+from metarl.core.config import load_config, to_dict
+from metarl.runs.fewshot_config import FewShotConfig
+from metarl.runs.rundir import load_checkpoint, read_metrics, save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SINUSOID = REPO_ROOT / "experiments" / "sinusoid" / "maml.yaml"
@@ -353,7 +353,7 @@ def test_errors_in_a_real_process(sin_run, tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     for argv, needle in ([["evaluate", str(run)], "checkpoint.pt"],
                          [["train", str(SINUSOID), "device=cuda", "--run-dir", str(tmp_path / "x")], "cuda"]):
-        proc = subprocess.run([sys.executable, "-m", "metarl.cli", *argv], cwd=tmp_path, env=env,
+        proc = subprocess.run([sys.executable, "-m", "metarl", *argv], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
         one_error_line(proc.returncode, proc.stderr, needle)
         assert proc.stdout == ""
@@ -404,7 +404,7 @@ def killed(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("kill")
     run, ref = base / "killed", base / "reference"
     log = (base / "stderr.txt").open("w")
-    cmd = [sys.executable, "-m", "metarl.cli", "train", "--run-dir", str(run), "--no-progress",
+    cmd = [sys.executable, "-m", "metarl", "train", "--run-dir", str(run), "--no-progress",
            str(SINUSOID), "num_iterations=3000", *KILL]
     proc = subprocess.Popen(cmd, cwd=base, stdout=subprocess.DEVNULL, stderr=log)
     try:
@@ -525,19 +525,19 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch, exc):
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*/*.yaml")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_experiment_config_loads_and_is_named_after_its_algorithm(path):
-    from metarl.cli import _load
+    from metarl.app.cli import _load
 
     cfg = _load(path, [])
     assert cfg.algorithm in path.stem
     if path.parent.name not in ("sinusoid", "omniglot"):
-        from metarl.rl.config import RLConfig
+        from metarl.runs.rl_config import RLConfig
 
         assert isinstance(cfg, RLConfig) and path.stem == cfg.algorithm
 
 
 def test_readme_config_reference_matches_the_code():
-    from metarl.config import describe
-    from metarl.rl.config import RLConfig
+    from metarl.core.config import describe
+    from metarl.runs.rl_config import RLConfig
 
     readme = (REPO_ROOT / "README.md").read_text()
     for cls in (FewShotConfig, RLConfig):
@@ -546,7 +546,7 @@ def test_readme_config_reference_matches_the_code():
 
 def _train_then_sigterm(run, config, overrides, *, start_timeout):
     """Start `metarl train`, send SIGTERM once its first checkpoint exists; (exit status, stderr)."""
-    cmd = [sys.executable, "-m", "metarl.cli", "train", str(config), "--run-dir", str(run), "--no-progress", *overrides]
+    cmd = [sys.executable, "-m", "metarl", "train", str(config), "--run-dir", str(run), "--no-progress", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + start_timeout

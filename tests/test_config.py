@@ -1,4 +1,4 @@
-"""Tests for metarl.config: typed, validated YAML configs."""
+"""Tests for metarl.core.config: typed, validated YAML configs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from metarl.config import (
+from metarl.core.config import (
     ConfigError,
     apply_overrides,
     describe,

@@ -1,4 +1,4 @@
-"""Tests for the meta-learning core: metarl.functional, metarl.metalearners and the few-shot pieces.
+"""Tests for the meta-learning core: metarl.core.functional, metarl.core.metalearning and the few-shot pieces.
 
 Gradients are checked against independent references in float64: a central finite-difference
 estimate of the meta-objective, and the closed form of the one-step MAML meta-gradient
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarl.fewshot.batch import FewShotBatch
-from metarl.fewshot.models import MLP, BatchStatNorm2d, ConvNet
+from agents.models import MLP, BatchStatNorm2d, ConvNet
 from metarl.fewshot.objective import FewShotObjective
 from metarl.fewshot.sinusoid import SinusoidTasks
-from metarl.functional import adapt, inner_lrs, params_of
-from metarl.metalearners import FOMAML, MAML, Pretrain, Reptile
+from metarl.core.functional import adapt, inner_lrs, params_of
+from metarl.core.metalearning import FOMAML, MAML, Pretrain, Reptile
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for metarl.episodes (Episodes, returns, GAE, normalisation) and metarl.baselines.
+"""Tests for metarl.rl.episodes (Episodes, returns, GAE, normalisation) and metarl.rl.value_baselines.
 
 Expected numbers are written out by hand (the arithmetic is in the comments) or come from
 plain-Python per-episode loops written here, independently of the vectorised code.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metarl.baselines import MAX_REG_RETRIES, LinearFeatureBaseline
-from metarl.episodes import (
+from metarl.rl.value_baselines import MAX_REG_RETRIES, LinearFeatureBaseline
+from metarl.rl.episodes import (
     Episodes,
     compute_advantages,
     discounted_returns,

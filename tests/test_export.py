@@ -1,4 +1,4 @@
-"""metarl.export: metarl policies <-> stable-baselines3 PPO, exact in parameters, 1e-5 in outputs."""
+"""metarl.app.export: metarl policies <-> stable-baselines3 PPO, exact in parameters, 1e-5 in outputs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 import envs  # noqa: F401  (registers metarl/*)
 from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy, make_policy
-from metarl.export import from_sb3, to_sb3
+from metarl.app.export import from_sb3, to_sb3
 
 NAV = "metarl/Navigation2D-v0"
 SMALL = {"n_steps": 16, "batch_size": 16, "seed": 0}  # light rollout buffers; nothing is trained

@@ -73,7 +73,7 @@ def _comparable(row: dict) -> dict:
 
 def run(name: str, out: Path) -> dict:
     """Train and evaluate one golden run into ``out``; its rows and evaluation."""
-    from metarl.cli import main
+    from metarl.app.cli import main
 
     config, overrides = RUNS[name]
     run_dir = out / name

@@ -1,4 +1,4 @@
-"""Tests for metarl.optim: the conjugate-gradient / HVP / trust-region pieces of a TRPO step.
+"""Tests for metarl.core.trpo: the conjugate-gradient / HVP / trust-region pieces of a TRPO step.
 
 Everything runs in float64 with hand-written references: the Hessian of
 ``0.5 x^T A x + sum(x^4)`` is ``A + diag(12 x^2)``, CG is compared with a direct solve, and the
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from metarl.optim import (
+from metarl.core.trpo import (
     LineSearchResult,
     conjugate_gradient,
     flatten,

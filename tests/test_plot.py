@@ -1,4 +1,4 @@
-"""metarl.plot: learning-curve and adaptation-curve PNGs, smoothing, default keys, errors."""
+"""metarl.app.plot: learning-curve and adaptation-curve PNGs, smoothing, default keys, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from metarl.plot import _labels, curve_of, default_keys, moving_average, plot_adaptation, plot_runs
+from metarl.app.plot import _labels, curve_of, default_keys, moving_average, plot_adaptation, plot_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -14,10 +14,10 @@ import torch
 
 from agents.learners import FOMAMLAdam, MAMLTRPO, ReptilePolicy, StepData, expand_to_tasks
 from agents.policies import GaussianMLPPolicy
-from metarl.baselines import LinearFeatureBaseline
-from metarl.episodes import Episodes, compute_advantages
-from metarl.optim import flatten, make_hvp, unflatten
-from metarl.sampling import VectorSampler, task_seeds
+from metarl.rl.value_baselines import LinearFeatureBaseline
+from metarl.rl.episodes import Episodes, compute_advantages
+from metarl.core.trpo import flatten, make_hvp, unflatten
+from metarl.rl.sampling import VectorSampler, task_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 NAV = "metarl/Navigation2D-v0"
@@ -198,7 +198,7 @@ TINY = ["num_iterations=2", "meta_batch_size=2", "episodes_per_task=2", "horizon
 
 
 def metarl(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "metarl.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "metarl", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("family, algorithm, extra", [

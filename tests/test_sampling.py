@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy, make_policy
-from metarl.sampling import VectorSampler, task_seeds
+from metarl.rl.sampling import VectorSampler, task_seeds
 
 NAV = "metarl/Navigation2D-v0"
 CHEETAH = "metarl/HalfCheetahVel-v0"
@@ -136,7 +136,7 @@ def test_bad_arguments_are_named():
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    from metarl.sampling import init_ray
+    from metarl.rl.sampling import init_ray
 
     init_ray(num_cpus=2)
     yield ray
@@ -145,7 +145,7 @@ def ray_local():
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ray_sampler_equals_the_in_process_sampler(ray_local, workers):
-    from metarl.sampling import RaySampler
+    from metarl.rl.sampling import RaySampler
 
     local = VectorSampler(CHEETAH, episodes_per_task=2, horizon=25)
     policy = policy_for(local)
@@ -164,7 +164,7 @@ def test_ray_sampler_equals_the_in_process_sampler(ray_local, workers):
 
 def _killed_worker_run(kill_after_s: float | None):
     """Sample 8 tasks with 2 workers, SIGKILLing worker 0 before the call (None) or during it."""
-    from metarl.sampling import RaySampler
+    from metarl.rl.sampling import RaySampler
 
     import ray
 

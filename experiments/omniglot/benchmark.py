@@ -35,7 +35,7 @@ def run_one(name: str, out: Path, minutes: float | None = None) -> dict:
     log = (out / f"{name}.log").open("w")
     t0 = time.time()
     stopped = False
-    train = subprocess.Popen([sys.executable, "-m", "metarl.cli", "train", str(HERE / f"{name}.yaml"), "--run-dir",
+    train = subprocess.Popen([sys.executable, "-m", "metarl", "train", str(HERE / f"{name}.yaml"), "--run-dir",
                               str(run_dir), "--no-progress"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         code = train.wait(timeout=None if minutes is None else minutes * 60)
@@ -48,7 +48,7 @@ def run_one(name: str, out: Path, minutes: float | None = None) -> dict:
         if code != 0:
             raise RuntimeError(f"{name}: training failed with exit status {code}; see {log.name}")
     train_s = time.time() - t0
-    subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(run_dir), "--json", str(out / f"{name}.eval.json")],
+    subprocess.run([sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--json", str(out / f"{name}.eval.json")],
                    check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     result = json.loads((out / f"{name}.eval.json").read_text())
     setting = name.split("_")[-1]

@@ -49,11 +49,11 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 def train(name: str, run_dir: Path, overrides: list[str], minutes: float | None, log) -> float:
     """Train (or resume) the run; returns its total training time in seconds."""
-    cmd = [sys.executable, "-m", "metarl.cli", "train", str(ROOT / "experiments" / f"{name}.yaml"),
+    cmd = [sys.executable, "-m", "metarl", "train", str(ROOT / "experiments" / f"{name}.yaml"),
            "--run-dir", str(run_dir), "--no-progress", *overrides]
     spent = 0.0
     if (run_dir / "config.yaml").exists():
-        cmd = [sys.executable, "-m", "metarl.cli", "train", "--resume", "--run-dir", str(run_dir), "--no-progress"]
+        cmd = [sys.executable, "-m", "metarl", "train", "--resume", "--run-dir", str(run_dir), "--no-progress"]
         spent = sum(r["time/iteration"] for r in read_rows(run_dir))
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -117,7 +117,7 @@ def main() -> None:
         eval_json = None
         if not args.no_eval:
             eval_json = args.out / f"{run_dir.name}.eval.json"
-            subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(run_dir), "--json", str(eval_json)],
+            subprocess.run([sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--json", str(eval_json)],
                            cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
         row = summarize(name, run_dir, eval_json, train_s)
         row["run_dir"] = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)

@@ -31,7 +31,7 @@ import torch
 
 import envs  # noqa: F401
 from agents.policies import make_policy
-from metarl.sampling import RaySampler, VectorSampler, init_ray, task_seeds
+from metarl.rl.sampling import RaySampler, VectorSampler, init_ray, task_seeds
 
 ROOT = Path(__file__).resolve().parents[2]
 

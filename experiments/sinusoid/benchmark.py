@@ -36,10 +36,10 @@ ROOT = HERE.parents[1]
 def train_and_evaluate(name: str, out: Path) -> dict:
     run_dir = out / name
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "metarl.cli", "train", str(HERE / f"{name}.yaml"), "--run-dir", str(run_dir),
+    subprocess.run([sys.executable, "-m", "metarl", "train", str(HERE / f"{name}.yaml"), "--run-dir", str(run_dir),
                     "--no-progress", "threads=1"], check=True, cwd=ROOT)
     minutes = (time.time() - t0) / 60
-    subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(run_dir), "--json", str(out / f"{name}.eval.json")],
+    subprocess.run([sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--json", str(out / f"{name}.eval.json")],
                    check=True, cwd=ROOT)
     result = json.loads((out / f"{name}.eval.json").read_text())
     return {"config": f"experiments/sinusoid/{name}.yaml", "train_minutes": round(minutes, 1),
@@ -50,10 +50,10 @@ def train_and_evaluate(name: str, out: Path) -> dict:
 
 def time_batched_vs_loop(repeats: int = 5) -> dict:
     from metarl.fewshot.batch import FewShotBatch
-    from metarl.fewshot.models import MLP, ConvNet
+    from agents.models import MLP, ConvNet
     from metarl.fewshot.objective import FewShotObjective
     from metarl.fewshot.sinusoid import SinusoidTasks
-    from metarl.metalearners import MAML
+    from metarl.core.metalearning import MAML
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

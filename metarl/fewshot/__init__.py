@@ -1,1 +1,1 @@
-"""Few-shot supervised learning: the sanity-check task family (sinusoid regression, Omniglot)."""
+"""Few-shot data: task batches, sinusoid regression, Omniglot, and their support/query losses."""

@@ -1,4 +1,4 @@
-"""The few-shot family's :class:`~metarl.metalearners.MetaObjective`: MSE or cross-entropy."""
+"""The few-shot family's :class:`~metarl.core.metalearning.MetaObjective`: MSE or cross-entropy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarl.fewshot.batch import FewShotBatch
-from metarl.functional import Params, call
+from metarl.core.functional import Params, call
 
 
 class FewShotObjective:

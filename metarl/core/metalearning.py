@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import vmap
 from torch.utils._pytree import tree_map
 
-from metarl.functional import Params, adapt, params_of
+from metarl.core.functional import Params, adapt, params_of
 
 
 class MetaObjective(Protocol):

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from metarl.config import field_error, option
+from metarl.core.config import field_error, option
 
 
 @dataclass

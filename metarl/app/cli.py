@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metarl.atomic import atomic_open
-from metarl.config import ConfigError, apply_overrides, dump_config, from_dict, load_config, to_dict
+from metarl.core.atomic import atomic_open
+from metarl.core.config import ConfigError, apply_overrides, dump_config, from_dict, load_config, to_dict
 
 EXIT_USAGE = 2
 # keys that may change when resuming: they do not change the results
@@ -32,8 +32,8 @@ def _config_class(path: Path, overrides: list[str]):
     """The config class of an experiment: few-shot for sinusoid/omniglot, meta-RL otherwise."""
     import yaml
 
-    from metarl.fewshot.config import FewShotConfig
-    from metarl.rl.config import RLConfig
+    from metarl.runs.fewshot_config import FewShotConfig
+    from metarl.runs.rl_config import RLConfig
 
     family = None
     for item in overrides:
@@ -58,10 +58,10 @@ def _load(path: Path, overrides: list[str]):
 
 def _experiment(cfg):
     if hasattr(cfg, "omniglot"):
-        from metarl.fewshot.experiment import FewShotExperiment
+        from metarl.runs.fewshot import FewShotExperiment
 
         return FewShotExperiment(cfg)
-    from metarl.rl.experiment import RLExperiment
+    from metarl.runs.rl import RLExperiment
 
     return RLExperiment(cfg)
 
@@ -82,7 +82,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from metarl.run import CHECKPOINT, CONFIG, RunError
+    from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError
 
     config_path, overrides = None, []
     for item in args.args:
@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         if hasattr(exp, "close"):
             exp.close()
-    from metarl.run import read_metrics
+    from metarl.runs.rundir import read_metrics
 
     last = read_metrics(run_dir)[-1]
     shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("train/", "val/", "return/"))}
@@ -144,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from metarl.run import CONFIG, RunError
+    from metarl.runs.rundir import CONFIG, RunError
 
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG).is_file():
@@ -155,9 +155,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     cfg = _load(run_dir / CONFIG, [])
     if hasattr(cfg, "omniglot"):
-        from metarl.fewshot.experiment import restore
+        from metarl.runs.fewshot import restore
     else:
-        from metarl.rl.experiment import restore
+        from metarl.runs.rl import restore
     exp, iteration = restore(cfg, run_dir)
     steps = cfg.eval.steps if args.steps is None else args.steps
     num_tasks = cfg.eval.num_tasks if args.num_tasks is None else args.num_tasks
@@ -187,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_adapt(args: argparse.Namespace) -> int:
     import warnings
 
-    from metarl.adapt import load
+    from metarl.app.adapt import load
 
     if (args.task is None) == (args.task_index is None):
         raise ConfigError("adapt needs exactly one of --task JSON (e.g. '{\"velocity\": 1.3}') or --task-index N")
@@ -217,7 +217,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     adapted.save(out)
     print(f"adapted policy: {out}  (metarl.load_adapted('{out}'))")
     if args.video:
-        from metarl.adapt import VideoUnavailable
+        from metarl.app.adapt import VideoUnavailable
 
         try:
             paths = adapted.videos(out, meta=meta, seed=args.seed)
@@ -228,7 +228,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from metarl.plot import plot_runs
+    from metarl.app.plot import plot_runs
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "curves.png"
     try:
@@ -240,8 +240,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from metarl.adapt import ADAPTED_INFO, load, load_adapted
-    from metarl.export import to_sb3
+    from metarl.app.adapt import ADAPTED_INFO, load, load_adapted
+    from metarl.app.export import to_sb3
 
     source = Path(args.source)
     if (source / ADAPTED_INFO).is_file():
@@ -269,8 +269,8 @@ def _usable_cores() -> int:
 def _evaluate_baselines(args, exp, run_dir: Path, iteration: int, num_tasks: int, steps: int) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
-    from metarl.plot import plot_adaptation
-    from metarl.rl.comparisons import evaluate_with_baselines
+    from metarl.app.plot import plot_adaptation
+    from metarl.app.comparisons import evaluate_with_baselines
 
     pretrain = args.pretrain_steps if args.pretrain_steps is not None else min(exp.env_steps, 1_000_000)
     if pretrain < 1 or args.oracle_steps < 1 or (args.oracle_tasks is not None and args.oracle_tasks < 1):
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from envs.base import InvalidTask
     from metarl.fewshot.omniglot import OmniglotDataNotFound
-    from metarl.run import RunError, StopRequest
+    from metarl.runs.rundir import RunError, StopRequest
 
     import signal
 

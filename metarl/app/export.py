@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy
-from metarl.atomic import atomic_open
+from metarl.core.atomic import atomic_open
 
 if TYPE_CHECKING:
     from stable_baselines3 import PPO
@@ -136,7 +136,7 @@ def save_sb3(model: Any, path: str | os.PathLike) -> None:
     """Save an SB3 model as a zip at exactly ``path``, atomically.
 
     SB3's ``save`` closes the stream it writes to, so the zip is built in memory and then
-    written through :func:`metarl.atomic.atomic_open`.
+    written through :func:`metarl.core.atomic.atomic_open`.
     """
     buffer = _UnclosableBytesIO()
     model.save(buffer)

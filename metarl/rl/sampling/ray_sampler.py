@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl.episodes import Episodes
+from metarl.rl.episodes import Episodes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class _RolloutWorker:
 
     def __init__(self, env_id: str, policy: torch.nn.Module, episodes_per_task: int, horizon: int | None,
                  env_kwargs: Mapping[str, Any]) -> None:
-        from metarl.sampling.vector import VectorSampler
+        from metarl.rl.sampling.vector import VectorSampler
 
         torch.set_num_threads(1)
         self.policy = policy
@@ -91,7 +91,7 @@ class RaySampler:
     Args:
         env_id: registered task family.
         policy: the policy module (sent to each actor once; parameters travel per call).
-        episodes_per_task, horizon, env_kwargs: as :class:`~metarl.sampling.VectorSampler`.
+        episodes_per_task, horizon, env_kwargs: as :class:`~metarl.rl.sampling.VectorSampler`.
         num_workers: number of actors (each takes one CPU).
         address: Ray cluster to join (None: ``RAY_ADDRESS`` or a new local Ray).
         max_replacements: how many dead actors one call may replace before it gives up.
@@ -116,7 +116,7 @@ class RaySampler:
     ) -> None:
         import ray
 
-        from metarl.sampling.vector import resolve_horizon
+        from metarl.rl.sampling.vector import resolve_horizon
 
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")

@@ -20,14 +20,14 @@ from torch import nn
 from tqdm import tqdm
 
 from metarl.fewshot.batch import FewShotBatch
-from metarl.fewshot.config import FewShotConfig
-from metarl.fewshot.models import MLP, ConvNet
+from metarl.runs.fewshot_config import FewShotConfig
+from agents.models import MLP, ConvNet
 from metarl.fewshot.objective import FewShotObjective
 from metarl.fewshot.omniglot import FewShotSampler, Omniglot
 from metarl.fewshot.sinusoid import SinusoidTasks
-from metarl.functional import inner_lrs
-from metarl.metalearners import FOMAML, MAML, MetaLearner, Pretrain, Reptile
-from metarl.run import (CHECKPOINT, MetricsLogger, RunError, StopRequest, resolve_device, restore_checkpoint,
+from metarl.core.functional import inner_lrs
+from metarl.core.metalearning import FOMAML, MAML, MetaLearner, Pretrain, Reptile
+from metarl.runs.rundir import (CHECKPOINT, MetricsLogger, RunError, StopRequest, resolve_device, restore_checkpoint,
                         save_checkpoint)
 
 TRAIN, VAL, TEST = 0, 1, 2

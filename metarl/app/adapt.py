@@ -29,8 +29,8 @@ import torch
 
 import envs  # noqa: F401
 from envs.base import InvalidTask, TaskOutOfRange
-from metarl.atomic import atomic_open
-from metarl.run import CONFIG, RunError
+from metarl.core.atomic import atomic_open
+from metarl.runs.rundir import CONFIG, RunError
 
 ADAPTED_POLICY = "policy.pt"
 ADAPTED_INFO = "adapted.json"
@@ -129,8 +129,8 @@ class MetaPolicy(_Acting):
     def adapt(self, task: dict[str, Any] | gym.Env, *, episodes: int = 20, steps: int = 1, seed: int = 0,
               test_split: bool = True) -> AdaptedPolicy:
         """Adapt to ``task`` (a task dict, or an env of the family whose current task is used)."""
-        from metarl.functional import inner_lrs
-        from metarl.rl.experiment import TEST
+        from metarl.core.functional import inner_lrs
+        from metarl.runs.rl import TEST
 
         if isinstance(task, gym.Env):
             task = task.unwrapped.get_task()
@@ -200,16 +200,16 @@ class AdaptedPolicy(_Acting):
 
 def load(run_dir: str | Path) -> MetaPolicy:
     """The meta-policy of a meta-RL run directory (its latest checkpoint)."""
-    from metarl.cli import _load
-    from metarl.rl.config import RLConfig
-    from metarl.rl.experiment import restore
+    from metarl.app.cli import _load
+    from metarl.runs.rl_config import RLConfig
+    from metarl.runs.rl import restore
 
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG})")
     cfg = _load(run_dir / CONFIG, [])
     if not isinstance(cfg, RLConfig):
-        raise RunError(f"{run_dir} is a few-shot run ({cfg.family}); use metarl.fewshot.classifier.FewShotClassifier")
+        raise RunError(f"{run_dir} is a few-shot run ({cfg.family}); use metarl.app.classifier.FewShotClassifier")
     cfg.device = "cpu"
     cfg.ray.workers = 0  # adaptation of one task samples in-process
     cfg.ray.address = None

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from metarl.atomic import atomic_open
-from metarl.run import METRICS, read_metrics
+from metarl.core.atomic import atomic_open
+from metarl.runs.rundir import METRICS, read_metrics
 
 RL_KEYS = ("return/pre_adapt", "return/post_adapt")
 FEWSHOT_KEYS = ("train/loss_pre_adapt", "train/loss_post_adapt")

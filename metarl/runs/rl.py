@@ -33,13 +33,13 @@ from tqdm import tqdm
 import envs  # noqa: F401  (registers the families)
 from agents.learners import FOMAMLAdam, MAMLTRPO, ReptilePolicy, StepData
 from agents.policies import make_policy
-from metarl.baselines import LinearFeatureBaseline
-from metarl.episodes import Episodes, compute_advantages
-from metarl.functional import inner_lrs
-from metarl.rl.config import RLConfig
-from metarl.run import (CHECKPOINT, MetricsLogger, RunError, StopRequest, resolve_device, restore_checkpoint,
+from metarl.rl.value_baselines import LinearFeatureBaseline
+from metarl.rl.episodes import Episodes, compute_advantages
+from metarl.core.functional import inner_lrs
+from metarl.runs.rl_config import RLConfig
+from metarl.runs.rundir import (CHECKPOINT, MetricsLogger, RunError, StopRequest, resolve_device, restore_checkpoint,
                         save_checkpoint)
-from metarl.sampling import RaySampler, VectorSampler, task_seeds
+from metarl.rl.sampling import RaySampler, VectorSampler, task_seeds
 
 TRAIN, VAL, TEST = 0, 1, 2
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401  (registers the metarl/ families)
-from metarl.episodes import Episodes
+from metarl.rl.episodes import Episodes
 
 PAD = 32  # floats in two AVX-512 vectors (ATen's vectorized loops step by two vectors)
 

@@ -69,7 +69,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from metarl.atomic import atomic_open
+from metarl.core.atomic import atomic_open
 
 __all__ = [
     "MISSING",
@@ -86,7 +86,7 @@ __all__ = [
 ]
 
 MISSING = dataclasses.MISSING
-_META_KEY = "metarl.config"
+_META_KEY = "metarl.core.config"
 _NoneType = type(None)
 _FLOAT_STR = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
 _OVERRIDE_FORM = "expected the form key.sub=value"

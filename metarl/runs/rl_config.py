@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from metarl.config import field_error, option
+from metarl.core.config import field_error, option
 
 
 @dataclass

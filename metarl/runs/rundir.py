@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from metarl.atomic import atomic_open
+from metarl.core.atomic import atomic_open
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"

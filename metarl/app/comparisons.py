@@ -29,8 +29,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from metarl.rl.experiment import TEST, RLExperiment, mean_and_ci95
-from metarl.sampling.vector import resolve_horizon
+from metarl.runs.rl import TEST, RLExperiment, mean_and_ci95
+from metarl.rl.sampling.vector import resolve_horizon
 
 
 class _MultiTaskEnv(gym.Wrapper):
@@ -140,7 +140,7 @@ def random_init_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: in
 
 def pretrain_job(s: PPOSetting, total_steps: int, seed: int) -> tuple[dict[str, torch.Tensor], float]:
     """SB3 PPO on the task distribution (task hidden): the actor's parameters and the wall time."""
-    from metarl.export import from_sb3
+    from metarl.app.export import from_sb3
 
     t0 = time.perf_counter()
     model = _ppo(s, _MultiTaskEnv(_make_env(s, None)), n_steps=max(64, 10 * s.horizon), seed=seed)

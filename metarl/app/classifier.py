@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl.config import load_config
-from metarl.fewshot.config import FewShotConfig
-from metarl.fewshot.experiment import build_model
+from metarl.core.config import load_config
+from metarl.runs.fewshot_config import FewShotConfig
+from metarl.runs.fewshot import build_model
 from metarl.fewshot.objective import FewShotObjective
 from metarl.fewshot.omniglot import preprocess_images
-from metarl.functional import Params, adapt, call, inner_lrs, params_of
-from metarl.run import CHECKPOINT, CONFIG, RunError, load_checkpoint
+from metarl.core.functional import Params, adapt, call, inner_lrs, params_of
+from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError, load_checkpoint
 
 
 class FewShotClassifier:

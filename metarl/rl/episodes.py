@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 if TYPE_CHECKING:
-    from metarl.baselines import Baseline
+    from metarl.rl.value_baselines import Baseline
 
 
 _PER_STEP = ("observations", "actions", "rewards", "log_probs", "mask")  # [N, H, E, ...]; the others are [N, E, ...]

@@ -14,7 +14,7 @@ parameters), and then keeps the step inside a KL trust region:
    and the measured KL is within ``max_kl``.
 
 Every function works on flat 1-D vectors; ``flatten``/``unflatten`` convert to and from the
-parameter dicts of ``metarl.functional``. Nothing here knows a policy, an env or a sampler.
+parameter dicts of ``metarl.core.functional``. Nothing here knows a policy, an env or a sampler.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from metarl.functional import Params
+from metarl.core.functional import Params
 
 __all__ = [
     "LineSearchResult",

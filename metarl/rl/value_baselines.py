@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from metarl.episodes import Episodes
+from metarl.rl.episodes import Episodes
 
 #: How often a non-finite solve is retried with ``reg`` multiplied by 10.
 MAX_REG_RETRIES = 5

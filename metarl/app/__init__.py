@@ -1,0 +1,1 @@
+"""The user surface: the ``metarl`` command, adaptation, evaluation against baselines, export, plots."""
