@@ -1,1 +1,7 @@
-"""Policies and policy meta-learners (MAML-TRPO, FOMAML, Reptile) built on ``metarl``'s core."""
+"""Every algorithm, one module each, registered by the name a config uses (``algorithm: ...``).
+
+Importing this package registers them all (:func:`metarl.core.learner.register`); the policies
+and models they train are in :mod:`agents.policies` and :mod:`agents.models`.
+"""
+
+from agents import maml, maml_trpo, pretrain, reptile  # noqa: F401  (registration)

@@ -525,7 +525,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch, exc):
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*/*.yaml")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_experiment_config_loads_and_is_named_after_its_algorithm(path):
-    from metarl.app.cli import _load
+    from metarl.runs.load import load_experiment_config as _load
 
     cfg = _load(path, [])
     assert cfg.algorithm in path.stem

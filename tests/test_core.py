@@ -21,7 +21,9 @@ from agents.models import MLP, BatchStatNorm2d, ConvNet
 from metarl.fewshot.objective import FewShotObjective
 from metarl.fewshot.sinusoid import SinusoidTasks
 from metarl.core.functional import adapt, inner_lrs, params_of
-from metarl.core.metalearning import FOMAML, MAML, Pretrain, Reptile
+from agents.maml import FOMAML, MAML
+from agents.pretrain import Pretrain
+from agents.reptile import Reptile
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from metarl.rl.value_baselines import MAX_REG_RETRIES, LinearFeatureBaseline
-from metarl.rl.episodes import (
-    Episodes,
-    compute_advantages,
-    discounted_returns,
-    gae,
-    normalize_advantages,
-)
+from metarl.rl.advantages import compute_advantages, discounted_returns, gae, normalize_advantages
+from metarl.rl.episodes import Episodes
 
 
 # ------------------------------------------------------------------------------------------

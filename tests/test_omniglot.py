@@ -12,14 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from metarl.fewshot.omniglot import (
-    FewShotBatch,
-    FewShotSampler,
-    Omniglot,
-    OmniglotDataNotFound,
-    OmniglotSplits,
-    preprocess_images,
-)
+from metarl.fewshot.batch import FewShotBatch
+from metarl.fewshot.images import preprocess_images
+from metarl.fewshot.omniglot import Omniglot, OmniglotDataNotFound, OmniglotSplits
+from metarl.fewshot.tasks import FewShotSampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "omniglot"

@@ -12,11 +12,15 @@ import gymnasium as gym
 import pytest
 import torch
 
-from agents.learners import FOMAMLAdam, MAMLTRPO, ReptilePolicy, StepData, expand_to_tasks
+from agents.maml import MAML
+from agents.maml_trpo import MAMLTRPO
+from agents.reptile import Reptile
 from agents.policies import GaussianMLPPolicy
 from metarl.rl.value_baselines import LinearFeatureBaseline
-from metarl.rl.episodes import Episodes, compute_advantages
+from metarl.rl.advantages import compute_advantages
+from metarl.rl.episodes import Episodes
 from metarl.core.trpo import flatten, make_hvp, unflatten
+from metarl.rl.objective import PolicyGradientObjective, RLBatch, StepData, expand_to_tasks, masked_task_mean
 from metarl.rl.sampling import VectorSampler, task_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +48,7 @@ def tiny_batch(n=3, e=4, horizon=12, seed=0, hidden=(8,), lr=0.5):
     learner = MAMLTRPO(policy, inner_lrs=[lr], max_kl=0.01)
     train = [data(sampler.sample(policy, policy.params(), tasks, task_seeds(seed, 0, n=n)))]
     policy.double()
-    phi = learner.inner.adapt(learner.theta(), train)
+    phi = learner.adapt(learner.theta(), train)
     valid_ep = sampler.sample(policy.float(), {k: v.float() for k, v in phi.items()}, tasks, task_seeds(seed, 1, n=n),
                               per_task=True)
     policy.double()
@@ -59,11 +63,11 @@ def tiny_batch(n=3, e=4, horizon=12, seed=0, hidden=(8,), lr=0.5):
 def test_inner_loop_takes_each_tasks_own_policy_gradient_step():
     policy, learner, train, _ = tiny_batch()
     theta = learner.theta()
-    phi = learner.inner.adapt(theta, train)
+    phi = learner.adapt(theta, train)
     for i in range(train[0].episodes.num_tasks):
         one = StepData(train[0].episodes.task(i), train[0].advantages[i:i + 1])
         p = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-        loss = learner.inner.loss(expand_to_tasks(p, 1), one)
+        loss = learner.objective.support_loss(expand_to_tasks(p, 1), one)
         grads = torch.autograd.grad(loss, list(p.values()))
         for (name, value), g in zip(theta.items(), grads):
             torch.testing.assert_close(phi[name][i], value - 0.5 * g, rtol=1e-10, atol=1e-12)
@@ -118,12 +122,12 @@ def test_subsampled_fisher_vector_product_uses_the_first_episodes_at_the_full_ba
     # the same product, written out: J^T M J on the first 2 episodes of each task, where J is the
     # Jacobian of the outputs at phi(theta) (full batch) through the inner loop of the 2 episodes
     sub_train, sub_valid = [train[0].head(0.5)], valid.head(0.5)
-    full_phi = learner.inner.adapt(theta0, train)
-    sub_phi0 = learner.inner.adapt(theta0, sub_train)
+    full_phi = learner.adapt(theta0, train)
+    sub_phi0 = learner.adapt(theta0, sub_train)
 
     def outputs(flat):
         th = unflatten(flat, theta0)
-        phi = {k: full_phi[k] + learner.inner.adapt(th, sub_train)[k] - sub_phi0[k] for k in th}
+        phi = {k: full_phi[k] + learner.adapt(th, sub_train)[k] - sub_phi0[k] for k in th}
         return torch.cat([o.reshape(-1) for o in policy.outputs(sub_valid.episodes.observations, phi)])
 
     jac = torch.autograd.functional.jacobian(outputs, flatten(theta0))
@@ -144,7 +148,7 @@ def test_trpo_step_stays_inside_the_trust_region(max_kl):
     old = learner.old_outputs(theta0, train, valid)
     with torch.no_grad():
         before, _ = learner.surrogate_and_kl(theta0, train, valid, old)
-    metrics = learner.step(train, valid)
+    metrics = learner.step(RLBatch(train, valid), 0)
     theta1 = learner.theta()
     with torch.no_grad():
         after, kl = learner.surrogate_and_kl(theta1, train, valid, old)
@@ -158,17 +162,17 @@ def test_no_improvement_leaves_the_policy_unchanged():
     policy, learner, train, valid = tiny_batch(seed=4)
     theta0 = flatten(learner.theta()).clone()
     flat = StepData(valid.episodes, torch.zeros_like(valid.advantages))  # a surrogate that no step can lower
-    metrics = learner.step(train, flat)
+    metrics = learner.step(RLBatch(train, flat), 0)
     assert metrics["line_search/accepted"] == 0.0 and metrics["grad_norm"] == 0.0
     assert torch.equal(flatten(learner.theta()), theta0)
 
 
 def test_reptile_moves_theta_toward_the_mean_adapted_parameters():
     policy, _, train, _ = tiny_batch()
-    reptile = ReptilePolicy(policy, inner_lrs=[0.5], epsilon_start=0.5, epsilon_end=0.0, num_iterations=10)
+    reptile = Reptile(policy, PolicyGradientObjective(policy), inner_lrs=[0.5], epsilon_start=0.5, epsilon_end=0.0, num_iterations=10)
     theta = {k: v.detach().clone() for k, v in policy.named_parameters()}
-    phi = reptile.inner.adapt(theta, train)
-    metrics = reptile.step(train, iteration=2)
+    phi = reptile.adapt(theta, train)
+    metrics = reptile.step(RLBatch(train, None), iteration=2)
     assert metrics["epsilon"] == pytest.approx(0.4)
     for name, p in policy.named_parameters():
         torch.testing.assert_close(p.detach(), theta[name] + 0.4 * (phi[name].mean(0) - theta[name]), rtol=1e-12, atol=1e-12)
@@ -176,17 +180,15 @@ def test_reptile_moves_theta_toward_the_mean_adapted_parameters():
 
 def test_fomaml_adam_gradient_is_the_query_gradient_at_the_adapted_parameters():
     policy, _, train, valid = tiny_batch()
-    learner = FOMAMLAdam(policy, inner_lrs=[0.5], lr=1e-3)
+    learner = MAML(policy, PolicyGradientObjective(policy), inner_lrs=[0.5], outer_lr=1e-3, first_order=True)
     theta = {k: v.detach() for k, v in policy.named_parameters()}
-    phi = {k: v.detach().requires_grad_(True) for k, v in learner.inner.adapt(theta, train).items()}
+    phi = {k: v.detach().requires_grad_(True) for k, v in learner.adapt(theta, train).items()}
     eps = valid.episodes
     ratio = torch.exp(policy(eps.observations, phi).log_prob(eps.actions) - eps.log_probs)
-    from agents.learners import masked_task_mean
-
     loss = -masked_task_mean(ratio * valid.advantages, eps.mask).mean()
     expected = {k: g.sum(0) for k, g in zip(phi, torch.autograd.grad(loss, list(phi.values())))}
     learner.optimizer.step = lambda: None  # keep theta: only look at the gradient
-    learner.step(train, valid)
+    learner.step(RLBatch(train, valid), 0)
     for name, p in policy.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12)
 
@@ -266,13 +268,13 @@ def test_bad_rl_config_values_are_named(tmp_path):
 def test_passing_the_sampling_parameters_gives_the_same_update():
     policy, learner, train, valid = tiny_batch(seed=6)
     theta0 = {k: v.clone() for k, v in learner.theta().items()}
-    adapted = learner.inner.adapt(theta0, train, first_order=True)
-    a = learner.step(train, valid)
+    adapted = learner.adapt(theta0, train, first_order=True)
+    a = learner.step(RLBatch(train, valid), 0)
     after_a = flatten(learner.theta()).clone()
     with torch.no_grad():
         for name, p in policy.named_parameters():
             p.copy_(theta0[name])
-    b = learner.step(train, valid, adapted=adapted)
+    b = learner.step(RLBatch(train, valid, adapted), 0)
     assert a == b and torch.equal(flatten(learner.theta()), after_a)
 
 

@@ -53,7 +53,7 @@ def time_batched_vs_loop(repeats: int = 5) -> dict:
     from agents.models import MLP, ConvNet
     from metarl.fewshot.objective import FewShotObjective
     from metarl.fewshot.sinusoid import SinusoidTasks
-    from metarl.core.metalearning import MAML
+    from agents.maml import MAML
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

@@ -30,10 +30,15 @@ import torch
 import envs  # noqa: F401
 from envs.base import InvalidTask, TaskOutOfRange
 from metarl.core.atomic import atomic_open
-from metarl.runs.rundir import CONFIG, RunError
+from metarl.core.functional import inner_lrs
+from metarl.runs.experiment import TEST, TRAIN
+from metarl.runs.rundir import RunError
 
 ADAPTED_POLICY = "policy.pt"
 ADAPTED_INFO = "adapted.json"
+#: Seed key of the episodes of `metarl adapt` (test split): keeps them apart from evaluation's
+#: episodes, whose keys are (TEST, seed, chunk offset).
+ADAPT_SEED_KEY = 7
 
 
 class VideoUnavailable(RuntimeError):
@@ -117,7 +122,7 @@ class MetaPolicy(_Acting):
 
     def task_by_index(self, index: int, *, test: bool = True) -> dict[str, Any]:
         """The ``index``-th task of a Meta-World split (test split by default)."""
-        env = self.experiment.task_envs[2 if test else 0]
+        env = self.experiment.task_envs[TEST if test else TRAIN]
         if not hasattr(env, "all_tasks"):
             raise InvalidTask(f"--task-index needs a family with a fixed task list (Meta-World); {self.cfg.family} "
                               "takes a task dict (--task)")
@@ -129,9 +134,6 @@ class MetaPolicy(_Acting):
     def adapt(self, task: dict[str, Any] | gym.Env, *, episodes: int = 20, steps: int = 1, seed: int = 0,
               test_split: bool = True) -> AdaptedPolicy:
         """Adapt to ``task`` (a task dict, or an env of the family whose current task is used)."""
-        from metarl.core.functional import inner_lrs
-        from metarl.runs.rl import TEST
-
         if isinstance(task, gym.Env):
             task = task.unwrapped.get_task()
         if episodes < 1 or steps < 0:
@@ -139,9 +141,9 @@ class MetaPolicy(_Acting):
         exp = self.experiment
         task = _check_task(self.cfg.env_id, self.cfg.env_kwargs(test=test_split), task)
         sampler = exp.sampler(test=test_split, episodes=episodes)
-        train, final, _ = exp.adapt_and_sample([task], (TEST, 7, seed), steps, sampler=sampler,
-                                               lrs=inner_lrs(self.cfg.inner.lr, steps))
-        phi = exp.last_adapted  # the parameters that sampled `final`
+        batch, _ = exp.adapt_and_sample([task], (TEST, ADAPT_SEED_KEY, seed), steps, sampler=sampler,
+                                        lrs=inner_lrs(self.cfg.inner.lr, steps))
+        train, final, phi = batch  # phi: the parameters that sampled `final`
         params = {k: (v[0] if train else v).detach().cpu().clone() for k, v in phi.items()}
         returns = [float(d.episodes.returns_per_episode().mean()) for d in train + [final]]
         return AdaptedPolicy(self.policy, params, task=task, returns=returns, episodes=episodes,
@@ -200,14 +202,11 @@ class AdaptedPolicy(_Acting):
 
 def load(run_dir: str | Path) -> MetaPolicy:
     """The meta-policy of a meta-RL run directory (its latest checkpoint)."""
-    from metarl.app.cli import _load
+    from metarl.runs.load import load_run_config, restore
     from metarl.runs.rl_config import RLConfig
-    from metarl.runs.rl import restore
 
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG})")
-    cfg = _load(run_dir / CONFIG, [])
+    cfg = load_run_config(run_dir)
     if not isinstance(cfg, RLConfig):
         raise RunError(f"{run_dir} is a few-shot run ({cfg.family}); use metarl.app.classifier.FewShotClassifier")
     cfg.device = "cpu"

@@ -29,7 +29,7 @@ from metarl.core.config import load_config
 from metarl.runs.fewshot_config import FewShotConfig
 from metarl.runs.fewshot import build_model
 from metarl.fewshot.objective import FewShotObjective
-from metarl.fewshot.omniglot import preprocess_images
+from metarl.fewshot.images import preprocess_images
 from metarl.core.functional import Params, adapt, call, inner_lrs, params_of
 from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError, load_checkpoint
 

@@ -18,52 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from metarl.core.atomic import atomic_open
-from metarl.core.config import ConfigError, apply_overrides, dump_config, from_dict, load_config, to_dict
+from metarl.core.config import ConfigError, apply_overrides, dump_config, from_dict, to_dict
+from metarl.runs.load import load_experiment_config, load_run_config, make_experiment, restore
 
 EXIT_USAGE = 2
 # keys that may change when resuming: they do not change the results
 RESUMABLE = ("num_iterations", "threads", "ray.workers", "ray.address")
-
-
-FEWSHOT_FAMILIES = ("sinusoid", "omniglot")
-
-
-def _config_class(path: Path, overrides: list[str]):
-    """The config class of an experiment: few-shot for sinusoid/omniglot, meta-RL otherwise."""
-    import yaml
-
-    from metarl.runs.fewshot_config import FewShotConfig
-    from metarl.runs.rl_config import RLConfig
-
-    family = None
-    for item in overrides:
-        if item.startswith("family="):
-            family = item.split("=", 1)[1]
-    if family is None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError):
-            raw = None  # load_config reports the problem with the file
-        family = raw.get("family") if isinstance(raw, dict) else None
-    return FewShotConfig if family in FEWSHOT_FAMILIES else RLConfig
-
-
-def _load(path: Path, overrides: list[str]):
-    """Load a config; a relative data directory is made absolute so the run dir works from anywhere."""
-    cfg = load_config(_config_class(path, overrides), path, overrides)
-    if hasattr(cfg, "omniglot"):
-        cfg.omniglot.root = str(Path(cfg.omniglot.root).expanduser().resolve())
-    return cfg
-
-
-def _experiment(cfg):
-    if hasattr(cfg, "omniglot"):
-        from metarl.runs.fewshot import FewShotExperiment
-
-        return FewShotExperiment(cfg)
-    from metarl.runs.rl import RLExperiment
-
-    return RLExperiment(cfg)
 
 
 def _default_run_dir(cfg) -> Path:
@@ -100,14 +60,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved_path = run_dir / CONFIG
         if not saved_path.is_file():
             raise RunError(f"--resume: {run_dir} holds no {CONFIG}; it is not a metarl run directory")
-        saved = _load(saved_path, [])
-        cfg = _load(config_path, overrides) if config_path else \
+        saved = load_experiment_config(saved_path)
+        cfg = load_experiment_config(config_path, overrides) if config_path else \
             from_dict(type(saved), apply_overrides(to_dict(saved), overrides))
         changed = [k for k in _diff(to_dict(saved), to_dict(cfg)) if k not in RESUMABLE]
         if changed:
             raise ConfigError(f"--resume: the config differs from the run's {CONFIG} in {', '.join(changed)}; "
                               f"only {', '.join(RESUMABLE)} may change when resuming")
-        exp = _experiment(cfg)
+        exp = make_experiment(cfg)
         start = 0
         if (run_dir / CHECKPOINT).exists():
             start = exp.load_checkpoint(run_dir / CHECKPOINT)
@@ -117,11 +77,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if config_path is None:
             raise ConfigError("train needs a CONFIG.yaml (e.g. experiments/sinusoid/maml.yaml), or --resume --run-dir DIR")
-        cfg = _load(config_path, overrides)
+        cfg = load_experiment_config(config_path, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
         if (run_dir / CHECKPOINT).exists() or (run_dir / CONFIG).exists():
             raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-        exp = _experiment(cfg)
+        exp = make_experiment(cfg)
         start = 0
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / CONFIG)
@@ -132,8 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         exp.train(run_dir, start=start, progress=not args.no_progress)
     finally:
-        if hasattr(exp, "close"):
-            exp.close()
+        exp.close()
     from metarl.runs.rundir import read_metrics
 
     last = read_metrics(run_dir)[-1]
@@ -153,24 +112,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-tasks must be >= 1, got {args.num_tasks}")
     if args.steps is not None and args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
-    cfg = _load(run_dir / CONFIG, [])
-    if hasattr(cfg, "omniglot"):
-        from metarl.runs.fewshot import restore
-    else:
-        from metarl.runs.rl import restore
+    cfg = load_run_config(run_dir)
     exp, iteration = restore(cfg, run_dir)
     steps = cfg.eval.steps if args.steps is None else args.steps
     num_tasks = cfg.eval.num_tasks if args.num_tasks is None else args.num_tasks
     t0 = time.perf_counter()
-    if args.baselines and hasattr(cfg, "omniglot"):
+    if args.baselines and exp.metric != "return":
         raise ConfigError("--baselines compares meta-RL policies; this is a few-shot run")
     try:
         if args.baselines:
             return _evaluate_baselines(args, exp, run_dir, iteration, num_tasks, steps)
         result = exp.evaluate(num_tasks=num_tasks, steps=steps, seed=args.seed)
     finally:
-        if hasattr(exp, "close"):
-            exp.close()
+        exp.close()
     result["iteration"] = iteration
     print(f"{run_dir} at iteration {iteration}: {result['metric']} on {num_tasks} held-out tasks "
           f"({time.perf_counter() - t0:.1f} s)")

@@ -29,7 +29,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from metarl.runs.rl import TEST, RLExperiment, mean_and_ci95
+from metarl.runs.experiment import TEST, mean_and_ci95
+from metarl.runs.rl import RLExperiment
 from metarl.rl.sampling.vector import resolve_horizon
 
 

@@ -1,36 +1,33 @@
-"""A few-shot experiment: build the task family and meta-learner from a config, train, evaluate.
+"""The few-shot family: tasks (sinusoid regression, Omniglot), model and objective of a config.
 
-Seeding: the model is initialised from ``seed``; the tasks of iteration ``i`` are drawn from
-``numpy.random.default_rng([seed, TRAIN, i])``, the meta-validation tasks from
-``default_rng([seed, VAL])`` (the same set at every validation) and the evaluation tasks from
-``default_rng([eval_seed, TEST])``. Nothing else is random, so a run resumed from a
-checkpoint reaches exactly the result of an uninterrupted one.
+One meta-iteration draws ``meta_batch_size`` training tasks with ``split_rng(seed, TRAIN, i)``
+and hands them to the learner. Meta-validation draws from ``split_rng(seed, VAL)`` (the same set
+every time) and evaluation from ``split_rng(eval_seed, TEST)``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from metarl.fewshot.batch import FewShotBatch
-from metarl.runs.fewshot_config import FewShotConfig
+import agents  # noqa: F401  (registers the algorithms)
 from agents.models import MLP, ConvNet
-from metarl.fewshot.objective import FewShotObjective
-from metarl.fewshot.omniglot import FewShotSampler, Omniglot
-from metarl.fewshot.sinusoid import SinusoidTasks
 from metarl.core.functional import inner_lrs
-from metarl.core.metalearning import FOMAML, MAML, MetaLearner, Pretrain, Reptile
-from metarl.runs.rundir import (CHECKPOINT, MetricsLogger, RunError, StopRequest, resolve_device, restore_checkpoint,
-                        save_checkpoint)
-
-TRAIN, VAL, TEST = 0, 1, 2
+from metarl.core.learner import build_learner
+from metarl.core.metalearning import TaskwiseObjective
+from metarl.fewshot.batch import FewShotBatch
+from metarl.fewshot.objective import FewShotObjective
+from metarl.fewshot.omniglot import Omniglot
+from metarl.fewshot.sinusoid import SinusoidTasks
+from metarl.fewshot.tasks import FewShotSampler
+from metarl.runs.experiment import TEST, TRAIN, VAL, Experiment, split_rng
+from metarl.runs.fewshot_config import FewShotConfig
+from metarl.runs.rundir import RunError
 
 
 def build_model(cfg: FewShotConfig) -> nn.Module:
@@ -74,53 +71,35 @@ class TaskSource:
             raise RunError(f"omniglot task shape does not fit the data: {exc}") from None
 
 
-def build_learner(cfg: FewShotConfig, model: nn.Module, objective: FewShotObjective) -> MetaLearner:
-    lrs = inner_lrs(cfg.inner.lr, cfg.inner.steps)
-    common = dict(inner_lrs=lrs, batched=cfg.batched)
-    if cfg.algorithm == "maml":
-        return MAML(model, objective, outer_lr=cfg.outer.lr, **common)
-    if cfg.algorithm == "fomaml":
-        return FOMAML(model, objective, outer_lr=cfg.outer.lr, **common)
-    if cfg.algorithm == "pretrain":
-        return Pretrain(model, objective, outer_lr=cfg.outer.lr, **common)
-    return Reptile(model, objective, epsilon_start=cfg.outer.epsilon_start, epsilon_end=cfg.outer.epsilon_end,
-                   num_iterations=cfg.num_iterations, **common)
-
-
-class FewShotExperiment:
-    """Everything a run needs, built from its config: tasks, model, objective, learner."""
+class FewShotExperiment(Experiment):
+    """A few-shot run: task samplers, model, objective and learner."""
 
     def __init__(self, cfg: FewShotConfig) -> None:
-        self.cfg = cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        super().__init__(cfg)
         self.tasks = TaskSource(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         n_way = cfg.omniglot.n_way if cfg.family == "omniglot" else 1
-        self.objective = FewShotObjective(self.model, kind=self.tasks.kind, inner_batch_size=cfg.inner.batch_size, n_way=n_way)
-        self.learner = build_learner(cfg, self.model, self.objective)
+        self.objective = FewShotObjective(self.model, kind=self.tasks.kind, inner_batch_size=cfg.inner.batch_size,
+                                          n_way=n_way)
+        self.learner = build_learner("fewshot", cfg, self.model, self.objective)
+        self.evaluator = TaskwiseObjective(self.objective, batched=cfg.batched)  # adaptation curves
         self.metric = "mse" if self.tasks.kind == "regression" else "accuracy"
 
-    # -- state -------------------------------------------------------------------------------
-    def state_dict(self, iteration: int) -> dict[str, Any]:
-        return {"iteration": iteration, "model": self.model.state_dict(), "learner": self.learner.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> int:
-        """Load a checkpoint's state; returns its iteration."""
-        self.model.load_state_dict(state["model"])
-        self.learner.load_state_dict(state.get("learner", {}))
-        return int(state["iteration"])
-
-    def load_checkpoint(self, path: Path) -> int:
-        """Load the checkpoint at ``path``; returns its iteration. Any mismatch is a one-line RunError."""
-        return int(restore_checkpoint(path, self.load_state_dict, map_location=self.device)["iteration"])
-
-    # -- tasks -------------------------------------------------------------------------------
     def sample(self, split: str, num_tasks: int, rng: np.random.Generator) -> FewShotBatch:
         sampler = getattr(self.tasks, split)
         return sampler.sample(num_tasks, rng).to(self.device)
+
+    def train_iteration(self, it: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tasks = self.sample("train", self.cfg.meta_batch_size, split_rng(self.cfg.seed, TRAIN, it))
+        t1 = time.perf_counter()
+        metrics = self.learner.step(tasks, it)
+        t2 = time.perf_counter()
+        return {**{f"train/{k}": v for k, v in metrics.items()}, "time/sampling": t1 - t0, "time/meta_update": t2 - t1}
+
+    def progress_text(self, row: dict[str, Any]) -> str:
+        return f"loss_post {row.get('train/loss_post_adapt', math.nan):.3f}"
 
     # -- evaluation --------------------------------------------------------------------------
     def curves(self, split: str, num_tasks: int, rng: np.random.Generator, steps: int) -> dict[str, np.ndarray]:
@@ -129,67 +108,23 @@ class FewShotExperiment:
         Names: ``mse`` for regression; ``loss`` (cross-entropy) and ``accuracy`` for classification.
         """
         lrs = inner_lrs(self.cfg.eval_lr, steps)
+        theta = self.learner.theta()
         rows: dict[str, list[np.ndarray]] = {}
         for start in range(0, num_tasks, self.cfg.eval.chunk):
             batch = self.sample(split, min(self.cfg.eval.chunk, num_tasks - start), rng)
-            for key, value in self.learner.adaptation_curve(batch, lrs).items():
+            for key, value in self.evaluator.adaptation_curve(theta, batch, lrs).items():
                 name = "mse" if self.metric == "mse" and key == "loss" else key
                 rows.setdefault(name, []).append(value.cpu().numpy())
         return {name: np.concatenate(parts) for name, parts in rows.items()}
 
     def validate(self) -> dict[str, float]:
-        rng = np.random.default_rng([self.cfg.seed, VAL])
         out = {}
-        for name, values in self.curves("val", self.cfg.eval.val_tasks, rng, self.cfg.eval.steps).items():
+        curves = self.curves("val", self.cfg.eval.val_tasks, split_rng(self.cfg.seed, VAL), self.cfg.eval.steps)
+        for name, values in curves.items():
             mean = values.mean(0)
             out[f"val/{name}_pre_adapt"] = float(mean[0])
             out[f"val/{name}_post_adapt"] = float(mean[-1])
         return out
 
-    # -- training ----------------------------------------------------------------------------
-    def train(self, run_dir: Path, *, start: int = 0, progress: bool = True) -> None:
-        cfg = self.cfg
-        logger = MetricsLogger(run_dir, start=start)
-        bar = tqdm(total=cfg.num_iterations, initial=start, disable=not progress, desc=f"{cfg.family}/{cfg.algorithm}", unit="it")
-        try:
-            for it in range(start, cfg.num_iterations):
-                StopRequest.check(save=(lambda: save_checkpoint(self.state_dict(it), run_dir / CHECKPOINT))
-                                  if it > start else None)  # nothing new to keep before the first iteration
-                t0 = time.perf_counter()
-                tasks = self.sample("train", cfg.meta_batch_size, np.random.default_rng([cfg.seed, TRAIN, it]))
-                t1 = time.perf_counter()
-                metrics = self.learner.step(tasks, it)
-                t2 = time.perf_counter()
-                row: dict[str, Any] = {"iteration": it}
-                row.update({f"train/{k}": v for k, v in metrics.items()})
-                if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or it + 1 == cfg.num_iterations):
-                    row.update(self.validate())
-                if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.num_iterations:
-                    save_checkpoint(self.state_dict(it + 1), run_dir / CHECKPOINT)
-                row.update({"time/sampling": t1 - t0, "time/meta_update": t2 - t1, "time/iteration": time.perf_counter() - t0})
-                logger.log(row)
-                bar.update(1)
-                post = row.get("train/loss_post_adapt", math.nan)
-                bar.set_postfix_str(f"loss_post {post:.3f}", refresh=False)
-        finally:
-            bar.close()
-            logger.close()
-
-    def evaluate(self, *, num_tasks: int, steps: int, seed: int) -> dict[str, Any]:
-        """Metric after 0..steps inner steps on ``num_tasks`` held-out tasks, mean and 95% CI."""
-        values = self.curves("test", num_tasks, np.random.default_rng([seed, TEST]), steps)[self.metric]
-        mean = values.mean(0)
-        ci95 = 1.96 * values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
-        return {
-            "metric": self.metric,
-            "steps": list(range(steps + 1)),
-            "mean": [float(x) for x in mean],
-            "ci95": [float(x) for x in ci95],
-            "num_tasks": int(len(values)),
-        }
-
-
-def restore(cfg: FewShotConfig, run_dir: Path) -> tuple[FewShotExperiment, int]:
-    """An experiment with the latest checkpoint of ``run_dir`` loaded, and its iteration."""
-    exp = FewShotExperiment(cfg)
-    return exp, exp.load_checkpoint(run_dir / CHECKPOINT)
+    def evaluation_curve(self, num_tasks: int, steps: int, seed: int) -> np.ndarray:
+        return self.curves("test", num_tasks, split_rng(seed, TEST), steps)[self.metric]

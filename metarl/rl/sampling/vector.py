@@ -198,6 +198,10 @@ class VectorSampler:
             self._batch.close()
             self._batch = None
 
+    def bind(self, policy: torch.nn.Module) -> BoundSampler:
+        """This sampler with ``policy`` fixed: ``sample(params, tasks, seeds)``, as a RaySampler's."""
+        return BoundSampler(self, policy)
+
     def sample(
         self,
         policy: torch.nn.Module,
@@ -336,3 +340,19 @@ def _per_task(params: Mapping[str, torch.Tensor], n: int, per_task: bool) -> dic
                                  f"got shape {tuple(p.shape)}")
         return {name: p.detach() for name, p in params.items()}
     return {name: p.detach().unsqueeze(0).expand(n, *p.shape) for name, p in params.items()}
+
+
+class BoundSampler:
+    """A :class:`VectorSampler` bound to a policy module: the call signature of the Ray sampler."""
+
+    def __init__(self, sampler: VectorSampler, policy: torch.nn.Module) -> None:
+        self.sampler = sampler
+        self.policy = policy
+        self.horizon = sampler.horizon
+
+    def sample(self, params: Mapping[str, torch.Tensor], tasks: Sequence[dict[str, Any]], seeds: Sequence[int], *,
+               per_task: bool = False) -> Episodes:
+        return self.sampler.sample(self.policy, params, tasks, seeds, per_task=per_task)
+
+    def close(self) -> None:
+        self.sampler.close()

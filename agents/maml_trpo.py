@@ -1,22 +1,7 @@
-"""Policy meta-learners: MAML-TRPO (second order), FOMAML (first order; TRPO or Adam outer step)
-and Reptile, on top of the functional inner loop of :mod:`metarl.core.functional`.
+"""MAML-TRPO (Finn et al., 2017; second order) and FOMAML-TRPO: MAML whose outer step is a trust region.
 
-Shapes: a meta-batch has ``N`` tasks; per-task parameters carry a leading ``[N, ...]`` dimension
-(the policy runs each task's observations through that task's parameters in one batched matmul).
-The inner loop is batched across tasks: the inner loss of the meta-batch is the *sum* of the
-tasks' losses, so its gradient with respect to the per-task parameters ``[N, ...]`` is each
-task's own gradient, and one ``metarl.core.functional.adapt`` call adapts every task at once.
-
-One inner step, for task ``i`` with training episodes ``D_i`` (sampled with the current
-parameters) and their advantages ``A``::
-
-    L_i(p) = - sum_t mask * log pi_p(a_t | s_t) * A_t / sum_t mask      (REINFORCE)
-    phi_i  = p - lr * grad L_i(p)
-
-Further inner steps use fresh episodes sampled with the adapted parameters (the caller samples
-them; :class:`InnerLoop` takes the list of (episodes, advantages) of every step).
-
-MAML-TRPO's outer objective, on validation episodes ``V_i`` sampled with ``phi_i(theta_old)``::
+The inner loop and the surrogate are the RL objective's (:mod:`metarl.rl.objective`). The outer
+objective, on validation episodes ``V_i`` sampled with ``phi_i(theta_old)``::
 
     surrogate(theta) = mean_i  - sum_t mask * exp(log pi_{phi_i(theta)}(a|s) - log pi_old(a|s)) * A_t / sum mask
     kl(theta)        = mean_i  sum_t mask * KL(pi_{phi_i(theta_old)} || pi_{phi_i(theta)}) / sum mask
@@ -35,85 +20,26 @@ differentiating the gradient of the KL again; the tests check it equals the plai
 product of the KL. ``fvp_subsample`` uses the first fraction of each task's episodes for the
 products, as TRPO implementations commonly do (OpenAI baselines' TRPO uses every 5th sample);
 the gradient, the step size check and the line search use the whole batch and the exact KL.
+
+The TRPO numerics (conjugate gradient, step size, line search) are :mod:`metarl.core.trpo`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from metarl.rl.episodes import Episodes
-from metarl.core.functional import Params, adapt
-from metarl.core.metalearning import linear_anneal
+from agents.maml import MAML
+from metarl.core.functional import Params, adapt, inner_lrs
+from metarl.core.learner import register
 from metarl.core.trpo import conjugate_gradient, flatten, line_search, trpo_step_size, unflatten
+from metarl.rl.objective import PolicyGradientObjective, RLBatch, StepData, expand_to_tasks, masked_task_mean
 
 
-class StepData(NamedTuple):
-    """Episodes of one inner step (or the validation episodes) with their advantages ``[N, H, E]``."""
-
-    episodes: Episodes
-    advantages: torch.Tensor
-
-    def to(self, device: torch.device | str) -> StepData:
-        return StepData(self.episodes.to(device), self.advantages.to(device))
-
-    def head(self, fraction: float) -> StepData:
-        """The first ``ceil(fraction * E)`` episodes of every task."""
-        e = self.episodes.episodes_per_task
-        k = max(1, math.ceil(fraction * e))
-        if k >= e:
-            return self
-        return StepData(self.episodes.first(k), self.advantages[:, :, :k])
-
-
-def expand_to_tasks(params: Params, n: int) -> Params:
-    """Shared parameters as per-task ones ``[N, ...]`` (a view; gradients flow back to ``params``)."""
-    return {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in params.items()}
-
-
-def masked_task_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-task mean over real steps: ``[N, H, E] -> [N]``."""
-    return (values * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1.0)
-
-
-class InnerLoop:
-    """Batched policy-gradient adaptation of every task of a meta-batch."""
-
-    def __init__(self, policy: nn.Module, *, lrs: Sequence[float], first_order: bool) -> None:
-        self.policy = policy
-        self.lrs = list(lrs)
-        self.first_order = first_order
-
-    def loss(self, params: Params, data: StepData) -> torch.Tensor:
-        """Sum over tasks of the per-task REINFORCE loss (so per-task gradients come out)."""
-        eps = data.episodes
-        log_probs = self.policy(eps.observations, params).log_prob(eps.actions)
-        return -masked_task_mean(log_probs * data.advantages, eps.mask).sum()
-
-    def adapt(self, theta: Params, steps: Sequence[StepData], *, first_order: bool | None = None,
-              lrs: Sequence[float] | None = None) -> Params:
-        """Per-task adapted parameters ``[N, ...]`` after ``len(steps)`` inner steps from ``theta``.
-
-        ``steps[s]`` holds the episodes sampled with the parameters after ``s`` steps. Stays
-        differentiable in ``theta`` through every step unless first-order. ``lrs`` overrides the
-        loop's learning rates (evaluation and adaptation with more steps than in training).
-        """
-        lrs = self.lrs if lrs is None else list(lrs)
-        if len(steps) > len(lrs):
-            raise ValueError(f"{len(steps)} inner steps of data but only {len(lrs)} inner learning rates")
-        first_order = self.first_order if first_order is None else first_order
-        params = expand_to_tasks(theta, steps[0].episodes.num_tasks) if steps else dict(theta)
-        for s, data in enumerate(steps):
-            params = adapt(lambda p, _step, data=data: self.loss(p, data), params, lrs=[lrs[s]],
-                           first_order=first_order)
-        return params
-
-
-class MAMLTRPO:
+class MAMLTRPO(MAML):
     """MAML with a TRPO meta-update (``first_order=True``: FOMAML with the same TRPO step).
 
     Args:
@@ -127,6 +53,7 @@ class MAMLTRPO:
     def __init__(
         self,
         policy: nn.Module,
+        objective: PolicyGradientObjective | None = None,
         *,
         inner_lrs: Sequence[float],
         first_order: bool = False,
@@ -139,8 +66,9 @@ class MAMLTRPO:
     ) -> None:
         if not 0 < fvp_subsample <= 1:
             raise ValueError(f"fvp_subsample must be in (0, 1], got {fvp_subsample}")
+        super().__init__(policy, objective or PolicyGradientObjective(policy), inner_lrs=inner_lrs, outer_lr=None,
+                         first_order=first_order)
         self.policy = policy
-        self.inner = InnerLoop(policy, lrs=inner_lrs, first_order=first_order)
         self.max_kl = max_kl
         self.cg_iterations = cg_iterations
         self.cg_damping = cg_damping
@@ -149,13 +77,10 @@ class MAMLTRPO:
         self.fvp_subsample = fvp_subsample
 
     # -- objective ---------------------------------------------------------------------------
-    def theta(self) -> Params:
-        return {k: v.detach() for k, v in self.policy.named_parameters()}
-
     def surrogate_and_kl(self, theta: Params, train: Sequence[StepData], valid: StepData,
                          old_outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Outer surrogate loss and mean KL to the old adapted policies, both scalars."""
-        phi = self.inner.adapt(theta, train)
+        phi = self.adapt(theta, train)
         eps = valid.episodes
         outputs = self.policy.outputs(eps.observations, phi)
         dist = self.policy.distribution(outputs)
@@ -166,7 +91,7 @@ class MAMLTRPO:
 
     def old_outputs(self, theta: Params, train: Sequence[StepData], valid: StepData) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
-            phi = self.inner.adapt(theta, train, first_order=True)
+            phi = self.adapt(theta, train, first_order=True)
             return tuple(o.detach() for o in self.policy.outputs(valid.episodes.observations, phi))
 
     def fisher_vector_product(self, theta: Params, train: Sequence[StepData], valid: StepData):
@@ -186,10 +111,10 @@ class MAMLTRPO:
         weights = eps.mask / eps.mask.sum((1, 2), keepdim=True).clamp(min=1.0) / eps.num_tasks
         with torch.enable_grad():
             th = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
-            if f < 1 and not self.inner.first_order:
+            if f < 1 and not self.first_order:
                 phi = self._adapt_subsampled_jacobian(th, train, f)
             else:
-                phi = self.inner.adapt(th, train)
+                phi = self.adapt(th, train)
             out = self.policy.outputs(eps.observations, phi)
             dummy = tuple(torch.zeros_like(o, requires_grad=True) for o in out)
             jt_u = torch.autograd.grad(out, list(th.values()), grad_outputs=dummy, create_graph=True)
@@ -210,26 +135,28 @@ class MAMLTRPO:
         """Adapted parameters whose value is the full batch's and whose derivative in ``theta``
         is that of the inner loop run on the first ``fraction`` of each task's episodes."""
         with torch.no_grad():
-            full = self.inner.adapt({k: v.detach() for k, v in theta.items()}, train, first_order=True)
+            full = self.adapt({k: v.detach() for k, v in theta.items()}, train, first_order=True)
         params = expand_to_tasks(theta, train[0].episodes.num_tasks)
         for s, data in enumerate(train):
             sub = data.head(fraction)
-            step = adapt(lambda p, _step, sub=sub: self.inner.loss(p, sub), params, lrs=[self.inner.lrs[s]])
+            step = adapt(lambda p, _step, sub=sub: self.objective.support_loss(p, sub), params,
+                         lrs=[self.inner_lrs[s]])
             if s == len(train) - 1:
                 params = {k: full[k] + step[k] - step[k].detach() for k in step}
             else:  # intermediate values: recompute the full batch's step s exactly
                 with torch.no_grad():
-                    mid = self.inner.adapt({k: v.detach() for k, v in theta.items()}, train[: s + 1], first_order=True)
+                    mid = self.adapt({k: v.detach() for k, v in theta.items()}, train[: s + 1], first_order=True)
                 params = {k: mid[k] + step[k] - step[k].detach() for k in step}
         return params
 
     # -- one meta-update ---------------------------------------------------------------------
-    def step(self, train: Sequence[StepData], valid: StepData, *, adapted: Params | None = None) -> dict[str, float]:
+    def step(self, batch: RLBatch, iteration: int) -> dict[str, float]:
         """One TRPO meta-update of the policy from a meta-batch's inner-step and validation data.
 
-        ``adapted``: the per-task parameters that sampled ``valid`` (the first-order inner loop
-        from the current ``theta``), if the caller has them: saves recomputing them.
+        ``batch.adapted``: the per-task parameters that sampled ``batch.valid`` (the first-order
+        inner loop from the current ``theta``), if the sampler kept them: saves recomputing them.
         """
+        train, valid, adapted = batch
         theta0 = self.theta()
         if adapted is not None:
             with torch.no_grad():
@@ -274,66 +201,23 @@ class MAMLTRPO:
             "grad_norm": float(g.norm()),
         }
 
-    def state_dict(self) -> dict:
-        return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class FOMAMLAdam:
-    """First-order MAML with an Adam meta-update on the surrogate of the adapted policies."""
-
-    def __init__(self, policy: nn.Module, *, inner_lrs: Sequence[float], lr: float) -> None:
-        self.policy = policy
-        self.inner = InnerLoop(policy, lrs=inner_lrs, first_order=True)
-        self.optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
-
-    def step(self, train: Sequence[StepData], valid: StepData) -> dict[str, float]:
-        theta = dict(self.policy.named_parameters())
-        phi = self.inner.adapt(theta, train)
-        eps = valid.episodes
-        ratio = torch.exp(self.policy(eps.observations, phi).log_prob(eps.actions) - eps.log_probs)
-        surrogate = -masked_task_mean(ratio * valid.advantages, eps.mask).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        surrogate.backward()
-        self.optimizer.step()
-        return {"loss/surrogate_before": float(surrogate.detach())}
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+def _trpo_kwargs(cfg: Any) -> dict[str, Any]:
+    t = cfg.outer.trpo
+    return dict(inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), max_kl=t.max_kl, cg_iterations=t.cg_iterations,
+                cg_damping=t.cg_damping, line_search_steps=t.line_search_steps,
+                line_search_ratio=t.line_search_ratio, fvp_subsample=t.fvp_subsample)
 
 
-class ReptilePolicy:
-    """Reptile for policies: ``theta <- theta + epsilon * mean_i(phi_i - theta)``, epsilon annealed
-    linearly from ``epsilon_start`` (iteration 0) to ``epsilon_end`` (``num_iterations``)."""
+@register("maml_trpo", family="rl")
+def build_maml_trpo(cfg: Any, policy: nn.Module, objective: PolicyGradientObjective) -> MAMLTRPO:
+    return MAMLTRPO(policy, objective, **_trpo_kwargs(cfg))
 
-    def __init__(self, policy: nn.Module, *, inner_lrs: Sequence[float], epsilon_start: float, epsilon_end: float,
-                 num_iterations: int) -> None:
-        self.policy = policy
-        self.inner = InnerLoop(policy, lrs=inner_lrs, first_order=True)
-        self.epsilon_start = epsilon_start
-        self.epsilon_end = epsilon_end
-        self.num_iterations = num_iterations
 
-    def epsilon(self, iteration: int) -> float:
-        return linear_anneal(self.epsilon_start, self.epsilon_end, iteration, self.num_iterations)
-
-    def step(self, train: Sequence[StepData], iteration: int) -> dict[str, float]:
-        theta = {k: v.detach() for k, v in self.policy.named_parameters()}
-        with torch.no_grad():
-            phi = self.inner.adapt(theta, train)
-            eps = self.epsilon(iteration)
-            for name, p in self.policy.named_parameters():
-                p.add_(eps * (phi[name].mean(0) - theta[name]))
-        return {"epsilon": eps}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+@register("fomaml", family="rl")
+def build_fomaml(cfg: Any, policy: nn.Module, objective: PolicyGradientObjective) -> MAML:
+    """FOMAML with the TRPO outer step (``outer.optimizer: trpo``) or Adam (``adam``)."""
+    if cfg.outer.optimizer == "trpo":
+        return MAMLTRPO(policy, objective, first_order=True, **_trpo_kwargs(cfg))
+    return MAML(policy, objective, inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), outer_lr=cfg.outer.lr,
+                first_order=True)
