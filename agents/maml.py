@@ -40,18 +40,32 @@ class MAML(Learner):
         outer_lr: Adam learning rate (``None``: no Adam, for subclasses with their own outer step).
     """
 
-    def __init__(self, model: nn.Module, objective: Any, *, inner_lrs: Sequence[float],
-                 outer_lr: float | None = 1e-3, first_order: bool = False, batched: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Any,
+        *,
+        inner_lrs: Sequence[float],
+        outer_lr: float | None = 1e-3,
+        first_order: bool = False,
+        batched: bool = True,
+    ) -> None:
         self.model = model
         self.objective = batch_objective(objective, batched=batched)
         self.inner_lrs = list(inner_lrs)
         self.first_order = first_order
         self.batched = batched
-        if (batched and not first_order and self.inner_lrs and objective is not self.objective
-                and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())):
+        if (
+            batched
+            and not first_order
+            and self.inner_lrs
+            and objective is not self.objective
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        ):
             raise ValueError(
                 "second-order MAML with batched=True through torch's batch norm gives wrong meta-gradients "
-                "(a PyTorch vmap bug); use batched=False, or a vmap-safe norm (ConvNet(vmap_safe_norm=True))")
+                "(a PyTorch vmap bug); use batched=False, or a vmap-safe norm (ConvNet(vmap_safe_norm=True))"
+            )
         self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr) if outer_lr is not None else None
 
     def meta_loss(self, params: Params, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -87,11 +101,13 @@ class FOMAML(MAML):
 
 @register("maml", family="fewshot")
 def build_maml(cfg: Any, model: nn.Module, objective: Any) -> MAML:
-    return MAML(model, objective, inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), outer_lr=cfg.outer.lr,
-                batched=cfg.batched)
+    return MAML(
+        model, objective, inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), outer_lr=cfg.outer.lr, batched=cfg.batched
+    )
 
 
 @register("fomaml", family="fewshot")
 def build_fomaml(cfg: Any, model: nn.Module, objective: Any) -> FOMAML:
-    return FOMAML(model, objective, inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), outer_lr=cfg.outer.lr,
-                  batched=cfg.batched)
+    return FOMAML(
+        model, objective, inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), outer_lr=cfg.outer.lr, batched=cfg.batched
+    )

@@ -66,8 +66,13 @@ class MAMLTRPO(MAML):
     ) -> None:
         if not 0 < fvp_subsample <= 1:
             raise ValueError(f"fvp_subsample must be in (0, 1], got {fvp_subsample}")
-        super().__init__(policy, objective or PolicyGradientObjective(policy), inner_lrs=inner_lrs, outer_lr=None,
-                         first_order=first_order)
+        super().__init__(
+            policy,
+            objective or PolicyGradientObjective(policy),
+            inner_lrs=inner_lrs,
+            outer_lr=None,
+            first_order=first_order,
+        )
         self.policy = policy
         self.max_kl = max_kl
         self.cg_iterations = cg_iterations
@@ -77,8 +82,9 @@ class MAMLTRPO(MAML):
         self.fvp_subsample = fvp_subsample
 
     # -- objective ---------------------------------------------------------------------------
-    def surrogate_and_kl(self, theta: Params, train: Sequence[StepData], valid: StepData,
-                         old_outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def surrogate_and_kl(
+        self, theta: Params, train: Sequence[StepData], valid: StepData, old_outputs: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Outer surrogate loss and mean KL to the old adapted policies, both scalars."""
         phi = self.adapt(theta, train)
         eps = valid.episodes
@@ -139,8 +145,7 @@ class MAMLTRPO(MAML):
         params = expand_to_tasks(theta, train[0].episodes.num_tasks)
         for s, data in enumerate(train):
             sub = data.head(fraction)
-            step = adapt(lambda p, _step, sub=sub: self.objective.support_loss(p, sub), params,
-                         lrs=[self.inner_lrs[s]])
+            step = adapt(lambda p, _step, sub=sub: self.objective.support_loss(p, sub), params, lrs=[self.inner_lrs[s]])
             if s == len(train) - 1:
                 params = {k: full[k] + step[k] - step[k].detach() for k in step}
             else:  # intermediate values: recompute the full batch's step s exactly
@@ -169,9 +174,16 @@ class MAMLTRPO(MAML):
         g = flatten(dict(zip(theta, grads))).detach()
         loss_before = float(surrogate.detach())
         if not torch.isfinite(g).all() or not g.any():  # nothing to follow: keep theta
-            return {"loss/surrogate_before": loss_before, "loss/surrogate_after": loss_before, "kl": 0.0,
-                    "kl_before": float(kl.detach()), "line_search/steps": 0, "line_search/accepted": 0.0,
-                    "line_search/fraction": 0.0, "grad_norm": float(g.norm())}
+            return {
+                "loss/surrogate_before": loss_before,
+                "loss/surrogate_after": loss_before,
+                "kl": 0.0,
+                "kl_before": float(kl.detach()),
+                "line_search/steps": 0,
+                "line_search/accepted": 0.0,
+                "line_search/fraction": 0.0,
+                "grad_norm": float(g.norm()),
+            }
 
         fvp = self.fisher_vector_product(theta0, train, valid)
         direction = conjugate_gradient(fvp, g, iterations=self.cg_iterations)
@@ -184,11 +196,17 @@ class MAMLTRPO(MAML):
                 loss, kl_new = self.surrogate_and_kl(candidate, train, valid, old)
             return float(loss), float(kl_new)
 
-        result = line_search(evaluate, full_step, loss_before=loss_before, max_kl=self.max_kl,
-                             ratio=self.line_search_ratio, max_steps=self.line_search_steps)
+        result = line_search(
+            evaluate,
+            full_step,
+            loss_before=loss_before,
+            max_kl=self.max_kl,
+            ratio=self.line_search_ratio,
+            max_steps=self.line_search_steps,
+        )
         if result.accepted:
             with torch.no_grad():
-                for (name, p), delta in zip(self.policy.named_parameters(), unflatten(result.step, theta0).values()):
+                for p, delta in zip(self.policy.parameters(), unflatten(result.step, theta0).values()):
                     p.add_(delta)
         return {
             "loss/surrogate_before": loss_before,
@@ -204,9 +222,15 @@ class MAMLTRPO(MAML):
 
 def _trpo_kwargs(cfg: Any) -> dict[str, Any]:
     t = cfg.outer.trpo
-    return dict(inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), max_kl=t.max_kl, cg_iterations=t.cg_iterations,
-                cg_damping=t.cg_damping, line_search_steps=t.line_search_steps,
-                line_search_ratio=t.line_search_ratio, fvp_subsample=t.fvp_subsample)
+    return dict(
+        inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps),
+        max_kl=t.max_kl,
+        cg_iterations=t.cg_iterations,
+        cg_damping=t.cg_damping,
+        line_search_steps=t.line_search_steps,
+        line_search_ratio=t.line_search_ratio,
+        fvp_subsample=t.fvp_subsample,
+    )
 
 
 @register("maml_trpo", family="rl")
@@ -219,5 +243,6 @@ def build_fomaml(cfg: Any, policy: nn.Module, objective: PolicyGradientObjective
     """FOMAML with the TRPO outer step (``outer.optimizer: trpo``) or Adam (``adam``)."""
     if cfg.outer.optimizer == "trpo":
         return MAMLTRPO(policy, objective, first_order=True, **_trpo_kwargs(cfg))
-    return MAML(policy, objective, inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), outer_lr=cfg.outer.lr,
-                first_order=True)
+    return MAML(
+        policy, objective, inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), outer_lr=cfg.outer.lr, first_order=True
+    )

@@ -54,8 +54,17 @@ class ConvNet(nn.Module):
     Input ``[B, C, 28, 28]`` -> logits ``[B, n_way]``.
     """
 
-    def __init__(self, *, n_way: int, in_channels: int = 1, filters: int = 64, blocks: int = 4,
-                 image_size: int = 28, vmap_safe_norm: bool = False, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        n_way: int,
+        in_channels: int = 1,
+        filters: int = 64,
+        blocks: int = 4,
+        image_size: int = 28,
+        vmap_safe_norm: bool = False,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size

@@ -25,8 +25,17 @@ from metarl.core.metalearning import batch_objective, linear_anneal
 class Reptile(Learner):
     """Reptile with a linearly annealed outer step size ``epsilon``."""
 
-    def __init__(self, model: nn.Module, objective: Any, *, inner_lrs: Sequence[float], epsilon_start: float,
-                 epsilon_end: float, num_iterations: int, batched: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Any,
+        *,
+        inner_lrs: Sequence[float],
+        epsilon_start: float,
+        epsilon_end: float,
+        num_iterations: int,
+        batched: bool = True,
+    ) -> None:
         self.model = model
         self.objective = batch_objective(objective, batched=batched)
         self.inner_lrs = list(inner_lrs)
@@ -49,8 +58,12 @@ class Reptile(Learner):
 
 
 def _reptile_kwargs(cfg: Any) -> dict[str, Any]:
-    return dict(inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps), epsilon_start=cfg.outer.epsilon_start,
-                epsilon_end=cfg.outer.epsilon_end, num_iterations=cfg.num_iterations)
+    return dict(
+        inner_lrs=inner_lrs(cfg.inner.lr, cfg.inner.steps),
+        epsilon_start=cfg.outer.epsilon_start,
+        epsilon_end=cfg.outer.epsilon_end,
+        num_iterations=cfg.num_iterations,
+    )
 
 
 @register("reptile", family="fewshot")

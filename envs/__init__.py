@@ -37,8 +37,9 @@ def register_all() -> None:
     for name, (entry_point, vector_entry_point, horizon) in FAMILIES.items():
         env_id = f"{NAMESPACE}/{name}-v0"
         if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point,
-                         max_episode_steps=horizon)
+            gym.register(
+                id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point, max_episode_steps=horizon
+            )
 
 
 register_all()

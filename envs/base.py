@@ -71,7 +71,11 @@ class TaskField:
                 raise InvalidTask(f"task field '{self.name}' must be {self.describe()}, got {value!r}")
             numbers = [float(value)]
         else:
-            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray)) or len(value) != self.size:
+            if (
+                isinstance(value, (str, bytes, Mapping))
+                or not isinstance(value, (Sequence, np.ndarray))
+                or len(value) != self.size
+            ):
                 raise InvalidTask(f"task field '{self.name}' must be {self.describe()}, got {value!r}")
             if any(isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) for v in value):
                 raise InvalidTask(f"task field '{self.name}' must be {self.describe()}, got {value!r}")

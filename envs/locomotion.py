@@ -114,7 +114,9 @@ class UnitVectorField(TaskField):
         # Shape, type and finiteness checks of a plain unbounded vector field (its messages
         # would describe the range as [-inf, inf], so rephrase them).
         try:
-            numbers = TaskField(self.name, -math.inf, math.inf, size=self.size).validate(value, allow_out_of_range=False)
+            numbers = TaskField(self.name, -math.inf, math.inf, size=self.size).validate(
+                value, allow_out_of_range=False
+            )
         except InvalidTask:
             raise InvalidTask(f"task field '{self.name}' must be {self.describe()}, got {value!r}") from None
         norm = math.hypot(*numbers)
@@ -193,7 +195,9 @@ class HalfCheetahVelEnv(_HalfCheetahTaskEnv):
         _reject(kwargs, "forward_reward_weight", "HalfCheetahVel", "its reward is -|x_velocity - velocity|")
         low, high = _check_range("velocity_range", velocity_range)
         spec = TaskSpec((TaskField("velocity", low, high, doc="target forward velocity (m/s)"),))
-        self._init_cheetah(spec, task, {"velocity": (low + high) / 2}, ctrl_cost_weight, {"velocity_range": (low, high)}, kwargs)
+        self._init_cheetah(
+            spec, task, {"velocity": (low + high) / 2}, ctrl_cost_weight, {"velocity_range": (low, high)}, kwargs
+        )
 
     def _apply_task(self, task: dict[str, Any]) -> None:
         self._target_velocity = task["velocity"]

@@ -86,14 +86,19 @@ def _check_benchmark_args(benchmark: Any, split: Any, task_name: Any) -> None:
     if benchmark == "ML1":
         names = ml1_env_names()
         if task_name is None:
-            raise ValueError("benchmark 'ML1' needs task_name, a Meta-World v3 env name such as 'reach-v3' "
-                             "(envs.metaworld_tasks.ml1_env_names() lists them)")
+            raise ValueError(
+                "benchmark 'ML1' needs task_name, a Meta-World v3 env name such as 'reach-v3' "
+                "(envs.metaworld_tasks.ml1_env_names() lists them)"
+            )
         if task_name not in names:
-            raise ValueError(f"unknown Meta-World task_name {task_name!r}; valid ML1 names "
-                             f"(envs.metaworld_tasks.ml1_env_names()): {names}")
+            raise ValueError(
+                f"unknown Meta-World task_name {task_name!r}; valid ML1 names "
+                f"(envs.metaworld_tasks.ml1_env_names()): {names}"
+            )
     elif task_name is not None:
-        raise ValueError(f"task_name is only for benchmark 'ML1'; {benchmark} has fixed env classes "
-                         f"(got task_name={task_name!r})")
+        raise ValueError(
+            f"task_name is only for benchmark 'ML1'; {benchmark} has fixed env classes (got task_name={task_name!r})"
+        )
 
 
 def benchmark_env_names(benchmark: str, split: str, task_name: str | None = None) -> list[str]:
@@ -152,8 +157,10 @@ def _build_tasks(classes: OrderedDict, seed: int, make_env) -> tuple[dict[str, A
             if len(np.unique(np.array(rand_vecs), axis=0)) != N_GOALS:
                 raise RuntimeError(f"Meta-World drew duplicate goals for {env_name} with seed {seed}")
             tasks[env_name] = [
-                Task(env_name=env_name,
-                     data=pickle.dumps(dict(rand_vec=rand_vec, env_cls=env_cls, partially_observable=True)))
+                Task(
+                    env_name=env_name,
+                    data=pickle.dumps(dict(rand_vec=rand_vec, env_cls=env_cls, partially_observable=True)),
+                )
                 for rand_vec in rand_vecs
             ]
     finally:
@@ -202,7 +209,9 @@ class MetaWorldEnv(MetaEnv, gym.Env):
             raise ValueError(f"seed must be an int in [0, 2**32 - 2], got {seed!r}")
         task_seed = int(seed) + 1 if benchmark == "ML1" and split == "test" else int(seed)  # as metaworld.ML1
         if max_path_length is not None and (
-            isinstance(max_path_length, bool) or not isinstance(max_path_length, (int, np.integer)) or max_path_length < 1
+            isinstance(max_path_length, bool)
+            or not isinstance(max_path_length, (int, np.integer))
+            or max_path_length < 1
         ):
             raise ValueError(f"max_path_length must be a positive int or None, got {max_path_length!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -227,18 +236,24 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         for name, env in self._envs.items():
             for attr in ("observation_space", "action_space"):
                 a, b = getattr(first, attr), getattr(env, attr)
-                if not (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.low, b.low)
-                        and np.array_equal(a.high, b.high)):
+                if not (
+                    a.shape == b.shape
+                    and a.dtype == b.dtype
+                    and np.array_equal(a.low, b.low)
+                    and np.array_equal(a.high, b.high)
+                ):
                     raise RuntimeError(f"Meta-World {name} has a different {attr} ({b}) from {self.env_names[0]} ({a})")
         obs_space, act_space = first.observation_space, first.action_space
         self.observation_space = gym.spaces.Box(obs_space.low, obs_space.high, dtype=obs_space.dtype)
         self.action_space = gym.spaces.Box(act_space.low, act_space.high, dtype=act_space.dtype)
 
         self._all_tasks = [(name, i) for name in self.env_names for i in range(len(self._mw_tasks[name]))]
-        self.task_spec = TaskSpec((
-            TaskField("env_name", choices=tuple(self.env_names), doc=f"a {benchmark} {split} env name"),
-            IndexField("index", count=N_GOALS, doc="which of that env name's tasks (goals)"),
-        ))
+        self.task_spec = TaskSpec(
+            (
+                TaskField("env_name", choices=tuple(self.env_names), doc=f"a {benchmark} {split} env name"),
+                IndexField("index", count=N_GOALS, doc="which of that env name's tasks (goals)"),
+            )
+        )
         self._env = first
         self._elapsed = 0
         self._needs_reset = True
@@ -271,7 +286,9 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         name, index = task["env_name"], task["index"]
         count = len(self._mw_tasks[name])
         if index >= count:
-            raise InvalidTask(f"task field 'index' must be an int in [0, {count - 1}] for env_name {name!r}, got {index!r}")
+            raise InvalidTask(
+                f"task field 'index' must be an int in [0, {count - 1}] for env_name {name!r}, got {index!r}"
+            )
         env = self._envs[name]
         env.set_task(self._mw_tasks[name][index])  # freezes the goal: resets keep it
         self._env = env
@@ -288,15 +305,22 @@ class MetaWorldEnv(MetaEnv, gym.Env):
 
     def step(self, action):
         if self._needs_reset:
-            raise gym.error.ResetNeeded("MetaWorldEnv: call reset() before step(), after construction and after set_task()")
+            raise gym.error.ResetNeeded(
+                "MetaWorldEnv: call reset() before step(), after construction and after set_task()"
+            )
         action = np.asarray(action, dtype=np.float32)
         if action.shape != self.action_space.shape:
             raise ValueError(f"action must have shape {self.action_space.shape}, got {action.shape}")
         obs, reward, terminated, _, info = self._env.step(action)
         self._elapsed += 1
         truncated = self.max_path_length is not None and self._elapsed >= self.max_path_length
-        return (np.asarray(obs, dtype=self.observation_space.dtype), float(reward), bool(terminated),
-                bool(truncated), dict(info))
+        return (
+            np.asarray(obs, dtype=self.observation_space.dtype),
+            float(reward),
+            bool(terminated),
+            bool(truncated),
+            dict(info),
+        )
 
     def render(self):
         if self.render_mode is None:

@@ -68,7 +68,9 @@ class Navigation2DVectorEnv(MetaEnv, VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
 
-    def __init__(self, num_envs: int, *, goal_range: tuple[float, float] = (-0.5, 0.5), max_episode_steps: int = 100) -> None:
+    def __init__(
+        self, num_envs: int, *, goal_range: tuple[float, float] = (-0.5, 0.5), max_episode_steps: int = 100
+    ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.num_envs = num_envs

@@ -19,22 +19,26 @@ TINY = ["num_iterations=2", "meta_batch_size=2", "episodes_per_task=2", "horizon
 
 
 def metarl_cli(*args):
-    return subprocess.run([sys.executable, "-m", "metarl", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "metarl", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("nav") / "run"
-    result = metarl_cli("train", str(ROOT / "experiments/navigation2d/maml_trpo.yaml"), "--run-dir", str(run),
-                        "--no-progress", *TINY)
+    result = metarl_cli(
+        "train", str(ROOT / "experiments/navigation2d/maml_trpo.yaml"), "--run-dir", str(run), "--no-progress", *TINY
+    )
     assert result.returncode == 0, result.stderr
     return run
 
 
 def test_cli_adapt_prints_returns_and_saves_a_reloadable_policy(run_dir, tmp_path):
     out = tmp_path / "adapted"
-    result = metarl_cli("adapt", str(run_dir), "--task", '{"goal": [0.3, -0.2]}', "--episodes", "4", "--steps", "2",
-                        "--out", str(out))
+    result = metarl_cli(
+        "adapt", str(run_dir), "--task", '{"goal": [0.3, -0.2]}', "--episodes", "4", "--steps", "2", "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     table = [line.split() for line in lines if line.strip()[:1].isdigit()]
@@ -91,8 +95,12 @@ def test_cli_export_writes_an_sb3_model_that_acts_like_the_policy(run_dir, tmp_p
     from stable_baselines3 import PPO
 
     adapted_dir = tmp_path / "adapted"
-    assert metarl_cli("adapt", str(run_dir), "--task", '{"goal": [0.1, 0.4]}', "--episodes", "2",
-                      "--out", str(adapted_dir)).returncode == 0
+    assert (
+        metarl_cli(
+            "adapt", str(run_dir), "--task", '{"goal": [0.1, 0.4]}', "--episodes", "2", "--out", str(adapted_dir)
+        ).returncode
+        == 0
+    )
     obs = np.random.default_rng(1).uniform(-0.5, 0.5, size=(8, 2)).astype(np.float32)
     for source, policy in ((run_dir, metarl.load(run_dir)), (adapted_dir, metarl.load_adapted(adapted_dir))):
         zip_path = tmp_path / f"{source.name}.zip"
@@ -116,7 +124,18 @@ def test_cli_plot_writes_a_png(run_dir, tmp_path):
 
 def test_evaluate_with_baselines_scores_every_method_on_a_tiny_budget(run_dir, tmp_path):
     out = tmp_path / "baselines.json"
-    budget = ["--num-tasks", "2", "--steps", "1", "--pretrain-steps", "400", "--oracle-steps", "400", "--oracle-tasks", "1"]
+    budget = [
+        "--num-tasks",
+        "2",
+        "--steps",
+        "1",
+        "--pretrain-steps",
+        "400",
+        "--oracle-steps",
+        "400",
+        "--oracle-tasks",
+        "1",
+    ]
     result = metarl_cli("evaluate", str(run_dir), "--baselines", *budget, "--jobs", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     ev = json.loads(out.read_text())
@@ -124,7 +143,10 @@ def test_evaluate_with_baselines_scores_every_method_on_a_tiny_budget(run_dir, t
     assert set(ev["methods"]) == {"meta", "random_init", "pretrained", "ppo_scratch", "oracle"}
     for name, m in ev["methods"].items():
         assert len(m["mean"]) == len(m["ci95"]) == 2 and all(np.isfinite(m["mean"])), name
-    assert ev["methods"]["oracle"]["num_tasks"] == 1 and ev["methods"]["oracle"]["mean"][0] == ev["methods"]["oracle"]["mean"][1]
+    assert (
+        ev["methods"]["oracle"]["num_tasks"] == 1
+        and ev["methods"]["oracle"]["mean"][0] == ev["methods"]["oracle"]["mean"][1]
+    )
     assert ev["methods"]["pretrained"]["pretrain_env_steps"] == 400
     assert (run_dir / "eval_baselines.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run_dir / "eval").glob("events.out.tfevents.*"))
@@ -137,7 +159,9 @@ def test_evaluate_with_baselines_scores_every_method_on_a_tiny_budget(run_dir, t
         assert (one["methods"][name]["mean"], one["methods"][name]["ci95"]) == (m["mean"], m["ci95"]), name
     # the meta row is exactly `metarl evaluate` on the same tasks
     plain = tmp_path / "plain.json"
-    assert metarl_cli("evaluate", str(run_dir), "--num-tasks", "2", "--steps", "1", "--json", str(plain)).returncode == 0
+    assert (
+        metarl_cli("evaluate", str(run_dir), "--num-tasks", "2", "--steps", "1", "--json", str(plain)).returncode == 0
+    )
     assert json.loads(plain.read_text())["mean"] == ev["methods"]["meta"]["mean"]
     result = metarl_cli("evaluate", str(run_dir), "--baselines", *budget, "--jobs", "0")
     assert result.returncode == 2 and "--jobs must be >= 1, got 0" in result.stderr
@@ -149,8 +173,17 @@ def test_video_is_recorded_or_explained(run_dir, tmp_path):
     from metarl.app.adapt import VideoUnavailable, record_video
 
     # a family without a renderer: a clear message and exit status 0 (the adapted policy is saved)
-    result = metarl_cli("adapt", str(run_dir), "--task", '{"goal": [0.2, 0.2]}', "--episodes", "2", "--video",
-                        "--out", str(tmp_path / "a"))
+    result = metarl_cli(
+        "adapt",
+        str(run_dir),
+        "--task",
+        '{"goal": [0.2, 0.2]}',
+        "--episodes",
+        "2",
+        "--video",
+        "--out",
+        str(tmp_path / "a"),
+    )
     assert result.returncode == 0 and "no video" in result.stderr and (tmp_path / "a" / "policy.pt").exists()
 
     class Zero:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metarl.app.cli import main
 from metarl.app.classifier import FewShotClassifier
+from metarl.app.cli import main
 from metarl.runs.rundir import RunError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -21,9 +21,21 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"Omniglot data not fo
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("clf") / "run"
-    rc = main(["train", "experiments/omniglot/maml_5w1s.yaml", "--run-dir", str(run), "--no-progress",
-               f"omniglot.root={DATA}", "omniglot.filters=8", "num_iterations=2", "meta_batch_size=2",
-               "eval.every=0", "eval.steps=2"])
+    rc = main(
+        [
+            "train",
+            "experiments/omniglot/maml_5w1s.yaml",
+            "--run-dir",
+            str(run),
+            "--no-progress",
+            f"omniglot.root={DATA}",
+            "omniglot.filters=8",
+            "num_iterations=2",
+            "meta_batch_size=2",
+            "eval.every=0",
+            "eval.steps=2",
+        ]
+    )
     assert rc == 0
     return run
 
@@ -86,8 +98,20 @@ def test_bad_support_sets(run_dir, pictures):
 
 def test_from_run_rejects_non_image_runs(tmp_path):
     run = tmp_path / "sin"
-    assert main(["train", "experiments/sinusoid/maml.yaml", "--run-dir", str(run), "--no-progress",
-                 "num_iterations=1", "eval.every=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "experiments/sinusoid/maml.yaml",
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "num_iterations=1",
+                "eval.every=0",
+            ]
+        )
+        == 0
+    )
     with pytest.raises(RunError, match="'sinusoid' run"):
         FewShotClassifier.from_run(run)
     with pytest.raises(RunError, match="not a metarl run directory"):

@@ -16,15 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl.fewshot.batch import FewShotBatch
-from agents.models import MLP, BatchStatNorm2d, ConvNet
-from metarl.fewshot.objective import FewShotObjective
-from metarl.fewshot.sinusoid import SinusoidTasks
-from metarl.core.functional import adapt, inner_lrs, params_of
 from agents.maml import FOMAML, MAML
+from agents.models import MLP, BatchStatNorm2d, ConvNet
 from agents.pretrain import Pretrain
 from agents.reptile import Reptile
-
+from metarl.core.functional import adapt, inner_lrs, params_of
+from metarl.fewshot.batch import FewShotBatch
+from metarl.fewshot.objective import FewShotObjective
+from metarl.fewshot.sinusoid import SinusoidTasks
 
 # ------------------------------------------------------------------------------------------
 # Helpers
@@ -48,14 +47,23 @@ def tiny_model(seed: int = 0) -> TinyTanh:
     return TinyTanh().double()
 
 
-def sinusoid_batch(num_tasks: int, seed: int, *, k_shot: int = 5, k_query: int = 6,
-                   dtype: torch.dtype = torch.float64) -> FewShotBatch:
+def sinusoid_batch(
+    num_tasks: int, seed: int, *, k_shot: int = 5, k_query: int = 6, dtype: torch.dtype = torch.float64
+) -> FewShotBatch:
     batch = SinusoidTasks(k_shot=k_shot, k_query=k_query).sample(num_tasks, np.random.default_rng(seed))
     return FewShotBatch(*(t.to(dtype) for t in batch))
 
 
-def classification_batch(num_tasks: int, seed: int, *, n_way: int = 3, k_shot: int = 2, k_query: int = 2,
-                         size: int = 8, dtype: torch.dtype = torch.float64) -> FewShotBatch:
+def classification_batch(
+    num_tasks: int,
+    seed: int,
+    *,
+    n_way: int = 3,
+    k_shot: int = 2,
+    k_query: int = 2,
+    size: int = 8,
+    dtype: torch.dtype = torch.float64,
+) -> FewShotBatch:
     g = torch.Generator().manual_seed(seed)
     sx = torch.randn(num_tasks, n_way * k_shot, 1, size, size, generator=g, dtype=dtype)
     qx = torch.randn(num_tasks, n_way * k_query, 1, size, size, generator=g, dtype=dtype)
@@ -87,8 +95,9 @@ def flat_grad(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def reference_meta_objective(model: nn.Module, params: dict[str, torch.Tensor], tasks: FewShotBatch,
-                             lrs: list[float]) -> torch.Tensor:
+def reference_meta_objective(
+    model: nn.Module, params: dict[str, torch.Tensor], tasks: FewShotBatch, lrs: list[float]
+) -> torch.Tensor:
     """Mean query MSE after plain SGD inner steps (value only), written independently of adapt()."""
     losses = []
     for i in range(tasks.support_x.shape[0]):
@@ -114,8 +123,7 @@ def reference_meta_objective(model: nn.Module, params: dict[str, torch.Tensor], 
 def test_maml_meta_gradient_matches_finite_differences(lrs, batched):
     model = tiny_model(0)
     tasks = sinusoid_batch(3, seed=1)
-    learner = MAML(model, FewShotObjective(model, kind="regression"), inner_lrs=lrs, outer_lr=1e-3,
-                   batched=batched)
+    learner = MAML(model, FewShotObjective(model, kind="regression"), inner_lrs=lrs, outer_lr=1e-3, batched=batched)
     loss, metrics = learner.meta_loss(params_of(model), tasks)
     grad = flat_grad(loss, model)
 
@@ -292,21 +300,35 @@ def _learner_pair(make_model, kind, lrs, first_order=False):
     out = []
     for batched in (True, False):
         model = make_model()
-        out.append((model, MAML(model, FewShotObjective(model, kind=kind), inner_lrs=lrs, outer_lr=1e-3,
-                                first_order=first_order, batched=batched)))
+        out.append(
+            (
+                model,
+                MAML(
+                    model,
+                    FewShotObjective(model, kind=kind),
+                    inner_lrs=lrs,
+                    outer_lr=1e-3,
+                    first_order=first_order,
+                    batched=batched,
+                ),
+            )
+        )
     return out
 
 
 def _family(family, dtype=torch.float64):
     if family == "sinusoid":
+
         def make_model():
             torch.manual_seed(0)
             return MLP(1, [16, 16], 1).to(dtype)
+
         return make_model, sinusoid_batch(4, seed=3, k_shot=5, k_query=7, dtype=dtype), "regression", [0.05, 0.02]
 
     def make_model():
         torch.manual_seed(0)
         return ConvNet(n_way=3, filters=4, image_size=8, blocks=2, vmap_safe_norm=True).to(dtype)
+
     return make_model, classification_batch(3, seed=3, dtype=dtype), "classification", [0.4, 0.2]
 
 
@@ -368,8 +390,13 @@ def test_convnet_second_order_loop_matches_finite_differences():
     h, fd = 1e-6, []
     with torch.no_grad():
         for v in directions:
-            fd.append((learner.meta_loss(unflatten(theta + h * v), tasks)[0]
-                       - learner.meta_loss(unflatten(theta - h * v), tasks)[0]) / (2 * h))
+            fd.append(
+                (
+                    learner.meta_loss(unflatten(theta + h * v), tasks)[0]
+                    - learner.meta_loss(unflatten(theta - h * v), tasks)[0]
+                )
+                / (2 * h)
+            )
     torch.testing.assert_close(directions @ grad, torch.stack(fd), rtol=1e-6, atol=1e-8)
 
 
@@ -405,8 +432,10 @@ def test_vmap_safe_norm_is_batch_norm():
     native = torch.nn.BatchNorm2d(5, track_running_stats=False).double()
     safe = BatchStatNorm2d(5).double()
     with torch.no_grad():
-        native.weight.uniform_(); native.bias.uniform_()
-        safe.weight.copy_(native.weight); safe.bias.copy_(native.bias)
+        native.weight.uniform_()
+        native.bias.uniform_()
+        safe.weight.copy_(native.weight)
+        safe.bias.copy_(native.bias)
     torch.testing.assert_close(safe(x), native(x), rtol=1e-12, atol=1e-12)
 
 
@@ -462,8 +491,7 @@ def test_reptile_update_is_interpolation_toward_mean_adapted_weights(batched, in
     model = tiny_model(2)
     obj = FewShotObjective(model, kind="regression", inner_batch_size=inner_batch_size)
     tasks = sinusoid_batch(4, seed=11)
-    learner = Reptile(model, obj, inner_lrs=lrs, epsilon_start=0.9, epsilon_end=0.1, num_iterations=8,
-                      batched=batched)
+    learner = Reptile(model, obj, inner_lrs=lrs, epsilon_start=0.9, epsilon_end=0.1, num_iterations=8, batched=batched)
     iteration = 2
     eps = 0.9 + (iteration / 8) * (0.1 - 0.9)
     assert learner.epsilon(iteration) == pytest.approx(eps, rel=1e-15)
@@ -489,8 +517,14 @@ def test_reptile_update_is_interpolation_toward_mean_adapted_weights(batched, in
 
 def test_reptile_epsilon_anneals_linearly():
     model = tiny_model(0)
-    learner = Reptile(model, FewShotObjective(model, kind="regression"), inner_lrs=[0.1],
-                      epsilon_start=1.0, epsilon_end=0.2, num_iterations=100)
+    learner = Reptile(
+        model,
+        FewShotObjective(model, kind="regression"),
+        inner_lrs=[0.1],
+        epsilon_start=1.0,
+        epsilon_end=0.2,
+        num_iterations=100,
+    )
     assert learner.epsilon(0) == pytest.approx(1.0, abs=1e-15)
     assert learner.epsilon(50) == pytest.approx(0.6, abs=1e-15)
     assert learner.epsilon(25) == pytest.approx(0.8, abs=1e-15)
@@ -509,8 +543,9 @@ def test_reptile_epsilon_anneals_linearly():
 def test_pretrain_step_is_adam_on_mean_query_loss(batched):
     model = tiny_model(4)
     reference = copy.deepcopy(model)
-    learner = Pretrain(model, FewShotObjective(model, kind="regression"), inner_lrs=[0.5], outer_lr=0.01,
-                       batched=batched)
+    learner = Pretrain(
+        model, FewShotObjective(model, kind="regression"), inner_lrs=[0.5], outer_lr=0.01, batched=batched
+    )
     assert learner.inner_lrs == []
     opt = torch.optim.Adam(reference.parameters(), lr=0.01)
 
@@ -584,13 +619,16 @@ def test_sinusoid_tasks():
     assert not torch.equal(batch.support_x, batch.query_x[:, :5])
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [
-    (dict(k_shot=0, k_query=5), "k_shot"),
-    (dict(k_shot=-2, k_query=5), "k_shot"),
-    (dict(k_shot=5, k_query=0), "k_query"),
-    (dict(k_shot=5, k_query=5, amplitude=(5.0, 0.1)), "amplitude"),
-    (dict(k_shot=5, k_query=5, x_range=(1.0, -1.0)), "x_range"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(k_shot=0, k_query=5), "k_shot"),
+        (dict(k_shot=-2, k_query=5), "k_shot"),
+        (dict(k_shot=5, k_query=0), "k_query"),
+        (dict(k_shot=5, k_query=5, amplitude=(5.0, 0.1)), "amplitude"),
+        (dict(k_shot=5, k_query=5, x_range=(1.0, -1.0)), "x_range"),
+    ],
+)
 def test_sinusoid_tasks_rejects_invalid(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SinusoidTasks(**kwargs)
@@ -611,8 +649,7 @@ def test_maml_learns_sinusoid():
     """
     torch.manual_seed(0)
     model = MLP(1, [40, 40], 1)
-    learner = MAML(model, FewShotObjective(model, kind="regression"), inner_lrs=[0.01], outer_lr=1e-2,
-                   batched=True)
+    learner = MAML(model, FewShotObjective(model, kind="regression"), inner_lrs=[0.01], outer_lr=1e-2, batched=True)
     src = SinusoidTasks(k_shot=10, k_query=10)
     held_out = src.sample(100, np.random.default_rng(1234))
 
@@ -621,7 +658,7 @@ def test_maml_learns_sinusoid():
         learner.step(src.sample(10, np.random.default_rng([0, it])), it)
     after = learner.adaptation_curve(held_out, [0.01])["loss"].mean(0)
 
-    pre_before, post_before = float(before[0]), float(before[1])
+    post_before = float(before[1])
     pre_after, post_after = float(after[0]), float(after[1])
     assert post_before > 3.0  # sanity: the untrained net is as bad as predicting zero
     assert post_after < 2.5
@@ -653,8 +690,9 @@ def test_inner_minibatches_walk_the_support_set_class_balanced():
     assert obj.support_indices(12, 0).tolist() == [0, 4, 8, 1, 5, 9]  # shots 0, 1 of every class
     assert obj.support_indices(12, 1).tolist() == [2, 6, 10, 3, 7, 11]  # shots 2, 3
     assert obj.support_indices(12, 2).tolist() == [0, 4, 8, 1, 5, 9]  # and round again
-    assert FewShotObjective(model, kind="classification", inner_batch_size=4, n_way=3).support_indices(12, 1).tolist() == [
-        5, 9, 2, 6]  # a batch size that does not divide the set wraps through it
+    assert FewShotObjective(model, kind="classification", inner_batch_size=4, n_way=3).support_indices(
+        12, 1
+    ).tolist() == [5, 9, 2, 6]  # a batch size that does not divide the set wraps through it
     assert obj.support_indices(6, 0) is None  # batch >= support size: all of it
     one = task(classification_batch(1, seed=3, k_shot=4, dtype=torch.float32), 0)
     params = params_of(model)

@@ -19,11 +19,11 @@ import pytest
 
 pytest.importorskip("metaworld")
 
-from gymnasium.utils.env_checker import check_env  # noqa: E402
-from stable_baselines3.common.env_checker import check_env as sb3_check_env  # noqa: E402
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-from envs.base import InvalidTask  # noqa: E402
-from envs.metaworld_tasks import (  # noqa: E402
+from envs.base import InvalidTask
+from envs.metaworld_tasks import (
     METAWORLD_ENVS,
     N_GOALS,
     MetaWorldEnv,
@@ -32,8 +32,18 @@ from envs.metaworld_tasks import (  # noqa: E402
 )
 
 NAMESPACE = "metarl-test-metaworld"
-ML10_TRAIN = ["reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-close-v3",
-              "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "sweep-v3", "basketball-v3"]
+ML10_TRAIN = [
+    "reach-v3",
+    "push-v3",
+    "pick-place-v3",
+    "door-open-v3",
+    "drawer-close-v3",
+    "button-press-topdown-v3",
+    "peg-insert-side-v3",
+    "window-open-v3",
+    "sweep-v3",
+    "basketball-v3",
+]
 ML10_TEST = ["drawer-open-v3", "door-close-v3", "shelf-place-v3", "sweep-into-v3", "lever-pull-v3"]
 ML45_TEST = ["bin-picking-v3", "box-close-v3", "hand-insert-v3", "door-lock-v3", "door-unlock-v3"]
 
@@ -57,8 +67,12 @@ def no_network():
 def ml1():
     for name, (entry_point, vector_entry_point, horizon) in METAWORLD_ENVS.items():
         if f"{NAMESPACE}/{name}-v0" not in gym.registry:
-            gym.register(id=f"{NAMESPACE}/{name}-v0", entry_point=entry_point,
-                         vector_entry_point=vector_entry_point, max_episode_steps=horizon)
+            gym.register(
+                id=f"{NAMESPACE}/{name}-v0",
+                entry_point=entry_point,
+                vector_entry_point=vector_entry_point,
+                max_episode_steps=horizon,
+            )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the passive checker on the hidden goal's zero-width bounds
         env = gym.make(f"{NAMESPACE}/MetaWorld-ML1-v0", task_name="reach-v3", seed=0)
@@ -232,17 +246,20 @@ def test_ml45_names_without_building():
     assert benchmark_env_names("ML1", "test", "reach-v3") == ["reach-v3"]
 
 
-@pytest.mark.parametrize("task, match", [
-    ({"env_name": "reach-v2", "index": 0}, r"'env_name' must be one of \['reach-v3'\], got 'reach-v2'"),
-    ({"env_name": "reach-v3", "index": 50}, r"'index' must be an int in \[0, 49\], got 50"),
-    ({"env_name": "reach-v3", "index": -1}, r"'index' must be an int in \[0, 49\]"),
-    ({"env_name": "reach-v3", "index": 1.0}, r"'index' must be an int"),
-    ({"env_name": "reach-v3", "index": True}, r"'index' must be an int"),
-    ({"env_name": "reach-v3"}, r"missing field\(s\) \['index'\]"),
-    ({"index": 3}, r"missing field\(s\) \['env_name'\]"),
-    ({"env_name": "reach-v3", "index": 0, "goal": [0, 0, 0]}, r"unknown task field\(s\) \['goal'\]"),
-    ("reach-v3", "must be a dict"),
-])
+@pytest.mark.parametrize(
+    "task, match",
+    [
+        ({"env_name": "reach-v2", "index": 0}, r"'env_name' must be one of \['reach-v3'\], got 'reach-v2'"),
+        ({"env_name": "reach-v3", "index": 50}, r"'index' must be an int in \[0, 49\], got 50"),
+        ({"env_name": "reach-v3", "index": -1}, r"'index' must be an int in \[0, 49\]"),
+        ({"env_name": "reach-v3", "index": 1.0}, r"'index' must be an int"),
+        ({"env_name": "reach-v3", "index": True}, r"'index' must be an int"),
+        ({"env_name": "reach-v3"}, r"missing field\(s\) \['index'\]"),
+        ({"index": 3}, r"missing field\(s\) \['env_name'\]"),
+        ({"env_name": "reach-v3", "index": 0, "goal": [0, 0, 0]}, r"unknown task field\(s\) \['goal'\]"),
+        ("reach-v3", "must be a dict"),
+    ],
+)
 def test_bad_tasks_raise_clear_errors(ml1, task, match):
     env = ml1.unwrapped
     env.set_task({"env_name": "reach-v3", "index": 4})
@@ -253,17 +270,23 @@ def test_bad_tasks_raise_clear_errors(ml1, task, match):
     assert env.get_task() == {"env_name": "reach-v3", "index": 4}
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(benchmark="ML1", task_name="reach-v2"), r"unknown Meta-World task_name 'reach-v2'.*ml1_env_names.*'reach-v3'"),
-    (dict(benchmark="ML1"), "needs task_name"),
-    (dict(benchmark="ML10", task_name="reach-v3"), "only for benchmark 'ML1'"),
-    (dict(benchmark="ML3"), r"benchmark must be one of \['ML1', 'ML10', 'ML45'\]"),
-    (dict(benchmark="ML10", split="val"), r"split must be one of \['train', 'test'\]"),
-    (dict(benchmark="ML10", seed=-1), "seed must be an int"),
-    (dict(benchmark="ML10", seed=None), "seed must be an int"),
-    (dict(benchmark="ML10", max_path_length=0), "max_path_length"),
-    (dict(benchmark="ML10", render_mode="video"), "render_mode"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(benchmark="ML1", task_name="reach-v2"),
+            r"unknown Meta-World task_name 'reach-v2'.*ml1_env_names.*'reach-v3'",
+        ),
+        (dict(benchmark="ML1"), "needs task_name"),
+        (dict(benchmark="ML10", task_name="reach-v3"), "only for benchmark 'ML1'"),
+        (dict(benchmark="ML3"), r"benchmark must be one of \['ML1', 'ML10', 'ML45'\]"),
+        (dict(benchmark="ML10", split="val"), r"split must be one of \['train', 'test'\]"),
+        (dict(benchmark="ML10", seed=-1), "seed must be an int"),
+        (dict(benchmark="ML10", seed=None), "seed must be an int"),
+        (dict(benchmark="ML10", max_path_length=0), "max_path_length"),
+        (dict(benchmark="ML10", render_mode="video"), "render_mode"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, match):  # all rejected before building anything
     with pytest.raises(ValueError, match=match):
         MetaWorldEnv(**kwargs)

@@ -80,7 +80,9 @@ def test_terminates_at_the_goal_and_truncates_at_the_horizon():
 
 def test_bad_tasks_name_the_field_and_range():
     env = Navigation2DEnv()
-    with pytest.raises(InvalidTask, match=r"task field 'goal' must be a list of 2 numbers in \[-0.5, 0.5\], got \[0.1\]"):
+    with pytest.raises(
+        InvalidTask, match=r"task field 'goal' must be a list of 2 numbers in \[-0.5, 0.5\], got \[0.1\]"
+    ):
         env.set_task({"goal": [0.1]})
     with pytest.raises(InvalidTask, match=r"unknown task field\(s\) \['velocity'\]"):
         env.set_task({"goal": [0.1, 0.1], "velocity": 1})

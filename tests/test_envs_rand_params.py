@@ -45,7 +45,11 @@ def make(name: str, **kwargs) -> gym.Env:
 def model_arrays(env: gym.Env) -> dict[str, np.ndarray]:
     """Every array field of the MuJoCo model, plus its statistics."""
     model = env.unwrapped.model
-    arrays = {k: np.array(getattr(model, k)) for k in dir(model) if not k.startswith("_") and isinstance(getattr(model, k), np.ndarray)}
+    arrays = {
+        k: np.array(getattr(model, k))
+        for k in dir(model)
+        if not k.startswith("_") and isinstance(getattr(model, k), np.ndarray)
+    }
     arrays["stat"] = np.array([model.stat.meaninertia, model.stat.meanmass, model.stat.meansize, model.stat.extent])
     return arrays
 
@@ -164,7 +168,11 @@ def test_different_tasks_give_different_dynamics(name):
     a, b, nominal = make(name), make(name), make(name)
     a.unwrapped.set_task(task_a)
     b.unwrapped.set_task(task_b)
-    trace_a, trace_b, trace_nominal = rollout(a, seed=5, steps=10), rollout(b, seed=5, steps=10), rollout(nominal, seed=5, steps=10)
+    trace_a, trace_b, trace_nominal = (
+        rollout(a, seed=5, steps=10),
+        rollout(b, seed=5, steps=10),
+        rollout(nominal, seed=5, steps=10),
+    )
     assert np.array_equal(trace_a[0], trace_b[0])  # same reset state ...
     assert not np.allclose(trace_a[1], trace_b[1])  # ... different dynamics from the first step
     assert not np.allclose(trace_a[1], trace_nominal[1])
@@ -270,15 +278,39 @@ def _bad(task, field, value):
 @pytest.mark.parametrize(
     "mutate, error, fragments",
     [
-        (lambda t: _bad(t, "body_mass", t["body_mass"][:-1]), InvalidTask, ["'body_mass'", "a list of 7 numbers", "[-3.0, 3.0]"]),
-        (lambda t: _bad(t, "dof_damping", t["dof_damping"] + [0.0]), InvalidTask, ["'dof_damping'", "a list of 6 numbers", "[-3.0, 3.0]"]),
-        (lambda t: {k: v for k, v in t.items() if k != "geom_friction"}, InvalidTask, ["missing", "'geom_friction'", "a list of 27 numbers in [-3.0, 3.0]"]),
-        (lambda t: _bad(t, "body_inertia", ["big"] * 21), InvalidTask, ["'body_inertia'", "a list of 21 numbers", "[-3.0, 3.0]"]),
+        (
+            lambda t: _bad(t, "body_mass", t["body_mass"][:-1]),
+            InvalidTask,
+            ["'body_mass'", "a list of 7 numbers", "[-3.0, 3.0]"],
+        ),
+        (
+            lambda t: _bad(t, "dof_damping", t["dof_damping"] + [0.0]),
+            InvalidTask,
+            ["'dof_damping'", "a list of 6 numbers", "[-3.0, 3.0]"],
+        ),
+        (
+            lambda t: {k: v for k, v in t.items() if k != "geom_friction"},
+            InvalidTask,
+            ["missing", "'geom_friction'", "a list of 27 numbers in [-3.0, 3.0]"],
+        ),
+        (
+            lambda t: _bad(t, "body_inertia", ["big"] * 21),
+            InvalidTask,
+            ["'body_inertia'", "a list of 21 numbers", "[-3.0, 3.0]"],
+        ),
         (lambda t: _bad(t, "body_mass", "0.5"), InvalidTask, ["'body_mass'", "a list of 7 numbers"]),
         (lambda t: _bad(t, "body_mass", [True] * 7), InvalidTask, ["'body_mass'", "a list of 7 numbers"]),
         (lambda t: _bad(t, "body_mass", [float("nan")] * 7), InvalidTask, ["'body_mass'", "finite"]),
-        (lambda t: _bad(t, "body_inertia", [[0.0, 0.0, 0.0]] * 7), InvalidTask, ["'body_inertia'", "a list of 21 numbers"]),
-        (lambda t: _bad(t, "geom_friction", [0.0] * 26 + [3.5]), TaskOutOfRange, ["'geom_friction'", "outside the range", "[-3.0, 3.0]"]),
+        (
+            lambda t: _bad(t, "body_inertia", [[0.0, 0.0, 0.0]] * 7),
+            InvalidTask,
+            ["'body_inertia'", "a list of 21 numbers"],
+        ),
+        (
+            lambda t: _bad(t, "geom_friction", [0.0] * 26 + [3.5]),
+            TaskOutOfRange,
+            ["'geom_friction'", "outside the range", "[-3.0, 3.0]"],
+        ),
         (lambda t: {**t, "gravity": 1.0}, InvalidTask, ["unknown", "'gravity'"]),
         (lambda t: [0.0] * 61, InvalidTask, ["must be a dict"]),
     ],

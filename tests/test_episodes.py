@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metarl.rl.value_baselines import MAX_REG_RETRIES, LinearFeatureBaseline
 from metarl.rl.advantages import compute_advantages, discounted_returns, gae, normalize_advantages
 from metarl.rl.episodes import Episodes
-
+from metarl.rl.value_baselines import MAX_REG_RETRIES, LinearFeatureBaseline
 
 # ------------------------------------------------------------------------------------------
 # Helpers
@@ -21,8 +20,9 @@ from metarl.rl.episodes import Episodes
 GARBAGE = 100.0  # written under the mask: must never reach a result
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float | None = None,
-                 atol: float | None = None) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, rtol: float | None = None, atol: float | None = None
+) -> None:
     """Like ``torch.testing.assert_close`` (same default tolerances) without its slow first call
     (in torch 2.13 it imports ``torch.distributed.tensor``, about 2 s)."""
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
@@ -32,12 +32,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float | 
     atol = (1e-7 if double else 1e-5) if atol is None else atol
     if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
         worst = float((actual - expected).abs().max())
-        raise AssertionError(f"not close (max abs diff {worst:.3g}; rtol={rtol}, atol={atol}):\n"
-                             f"actual\n{actual}\nexpected\n{expected}")
+        raise AssertionError(
+            f"not close (max abs diff {worst:.3g}; rtol={rtol}, atol={atol}):\nactual\n{actual}\nexpected\n{expected}"
+        )
 
 
-def pad(per_task: list[list[list[float]]], horizon: int, *, fill: float = 0.0,
-        dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def pad(
+    per_task: list[list[list[float]]], horizon: int, *, fill: float = 0.0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """``per_task[n][e]`` = the steps of episode e of task n -> ``[N, H, E]``, padded with ``fill``."""
     n, e = len(per_task), len(per_task[0])
     out = torch.full((n, horizon, e), fill, dtype=dtype)
@@ -52,8 +54,15 @@ def mask_of(lengths: list[list[int]], horizon: int, dtype: torch.dtype = torch.f
     return (torch.arange(horizon).view(1, -1, 1) < torch.tensor(lengths).unsqueeze(1)).to(dtype)
 
 
-def random_episodes(lengths: list[list[int]], *, horizon: int, obs_dim: int = 2, act_dim: int | None = 1,
-                    seed: int = 0, dtype: torch.dtype = torch.float64) -> Episodes:
+def random_episodes(
+    lengths: list[list[int]],
+    *,
+    horizon: int,
+    obs_dim: int = 2,
+    act_dim: int | None = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> Episodes:
     """A valid random batch with the given lengths ``[N][E]``; zeros after each episode's end."""
     g = torch.Generator().manual_seed(seed)
     n, e = len(lengths), len(lengths[0])
@@ -83,8 +92,9 @@ def reference_returns(rewards: list[float], gamma: float) -> list[float]:
     return out[::-1]
 
 
-def reference_gae(rewards: list[float], values: list[float], last_value: float, gamma: float,
-                  lam: float) -> list[float]:
+def reference_gae(
+    rewards: list[float], values: list[float], last_value: float, gamma: float, lam: float
+) -> list[float]:
     """GAE of one episode; ``last_value`` is V after its last step (0 if terminated)."""
     out, a = [], 0.0
     for t in reversed(range(len(rewards))):
@@ -108,15 +118,23 @@ def per_episode(x: torch.Tensor, lengths: torch.Tensor) -> list[list[list[float]
 def test_discounted_returns_mixed_lengths():
     # gamma = 0.5, H = 3; lengths: task 0 [1, 3, 2], task 1 [3, 3, 1]
     lengths = [[1, 3, 2], [3, 3, 1]]
-    rewards = pad([[[2.0], [1.0, 2.0, 4.0], [4.0, 2.0]],
-                   [[1.0, 1.0, 1.0], [0.0, 0.0, 8.0], [-3.0]]], 3, fill=GARBAGE)
+    rewards = pad([[[2.0], [1.0, 2.0, 4.0], [4.0, 2.0]], [[1.0, 1.0, 1.0], [0.0, 0.0, 8.0], [-3.0]]], 3, fill=GARBAGE)
     got = discounted_returns(rewards, mask_of(lengths, 3), 0.5)
-    expected = pad([[[2.0],                # ends at step 0
-                     [3.0, 4.0, 4.0],      # 4; 2 + .5*4 = 4; 1 + .5*4 = 3   (full horizon)
-                     [5.0, 2.0]],          # 2; 4 + .5*2 = 5
-                    [[1.75, 1.5, 1.0],     # 1; 1 + .5 = 1.5; 1 + .75 = 1.75
-                     [2.0, 4.0, 8.0],      # 8; 0 + 4; 0 + 2
-                     [-3.0]]], 3)
+    expected = pad(
+        [
+            [
+                [2.0],  # ends at step 0
+                [3.0, 4.0, 4.0],  # 4; 2 + .5*4 = 4; 1 + .5*4 = 3   (full horizon)
+                [5.0, 2.0],
+            ],  # 2; 4 + .5*2 = 5
+            [
+                [1.75, 1.5, 1.0],  # 1; 1 + .5 = 1.5; 1 + .75 = 1.75
+                [2.0, 4.0, 8.0],  # 8; 0 + 4; 0 + 2
+                [-3.0],
+            ],
+        ],
+        3,
+    )
     assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -157,8 +175,15 @@ def test_gae_lambda_zero_is_td_error():
     lengths = [[2, 2, 1]]
     rewards = pad([[[1.0, 2.0], [1.0, 2.0], [1.0]]], 2, fill=GARBAGE)
     values = pad([[[3.0, 4.0], [3.0, 4.0], [3.0]]], 2, fill=GARBAGE)
-    adv = gae(rewards, values, mask_of(lengths, 2), terminated=torch.tensor([[True, False, False]]),
-              final_values=torch.tensor([[GARBAGE, 6.0, 2.0]], dtype=torch.float64), gamma=0.5, lam=0.0)
+    adv = gae(
+        rewards,
+        values,
+        mask_of(lengths, 2),
+        terminated=torch.tensor([[True, False, False]]),
+        final_values=torch.tensor([[GARBAGE, 6.0, 2.0]], dtype=torch.float64),
+        gamma=0.5,
+        lam=0.0,
+    )
     assert_close(adv, pad([[[0.0, -2.0], [0.0, 1.0], [-1.0]]], 2), rtol=0, atol=0)
 
 
@@ -167,9 +192,15 @@ def test_gae_truncated_bootstraps_terminated_does_not():
     # terminated: 1 - 0.5 = 0.5;   truncated: 1 + 0.9*2 - 0.5 = 2.3
     rewards = torch.tensor([[[1.0, 1.0]]], dtype=torch.float64)
     values = torch.tensor([[[0.5, 0.5]]], dtype=torch.float64)
-    adv = gae(rewards, values, torch.ones(1, 1, 2, dtype=torch.float64),
-              terminated=torch.tensor([[True, False]]), final_values=torch.tensor([[2.0, 2.0]], dtype=torch.float64),
-              gamma=0.9, lam=0.95)
+    adv = gae(
+        rewards,
+        values,
+        torch.ones(1, 1, 2, dtype=torch.float64),
+        terminated=torch.tensor([[True, False]]),
+        final_values=torch.tensor([[2.0, 2.0]], dtype=torch.float64),
+        gamma=0.9,
+        lam=0.95,
+    )
     assert_close(adv, torch.tensor([[[0.5, 2.3]]], dtype=torch.float64))
 
 
@@ -182,8 +213,15 @@ def test_gae_hand_computed_three_steps():
     # The value 99 at the masked step h = 3 must not be used as V_{t+1} at h = 2.
     rewards = pad([[[1.0, 0.0, 2.0], [1.0, 0.0, 2.0]]], 4, fill=GARBAGE)
     values = pad([[[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]]], 4, fill=99.0)
-    adv = gae(rewards, values, mask_of([[3, 3]], 4), terminated=torch.tensor([[True, False]]),
-              final_values=torch.tensor([[2.0, 2.0]], dtype=torch.float64), gamma=0.9, lam=0.8)
+    adv = gae(
+        rewards,
+        values,
+        mask_of([[3, 3]], 4),
+        terminated=torch.tensor([[True, False]]),
+        final_values=torch.tensor([[2.0, 2.0]], dtype=torch.float64),
+        gamma=0.9,
+        lam=0.8,
+    )
     expected = pad([[[1.9112, 0.71, 0.5], [2.84432, 2.006, 2.3]]], 4)
     assert_close(adv, expected)
 
@@ -197,13 +235,29 @@ def test_gae_matches_reference_loop():
     gamma, lam = 0.95, 0.9
     adv = gae(ep.rewards, values, ep.mask, terminated=ep.terminated, final_values=final_values, gamma=gamma, lam=lam)
     rews, vals = per_episode(ep.rewards, ep.lengths), per_episode(values, ep.lengths)
-    expected = pad([[reference_gae(rews[i][j], vals[i][j],
-                                   0.0 if ep.terminated[i, j] else float(final_values[i, j]), gamma, lam)
-                     for j in range(4)] for i in range(3)], 5)
+    expected = pad(
+        [
+            [
+                reference_gae(
+                    rews[i][j], vals[i][j], 0.0 if ep.terminated[i, j] else float(final_values[i, j]), gamma, lam
+                )
+                for j in range(4)
+            ]
+            for i in range(3)
+        ],
+        5,
+    )
     assert_close(adv, expected)
     with pytest.raises(ValueError, match="final_values has shape"):
-        gae(ep.rewards, values, ep.mask, terminated=ep.terminated, final_values=final_values[:, :2],
-            gamma=gamma, lam=lam)
+        gae(
+            ep.rewards,
+            values,
+            ep.mask,
+            terminated=ep.terminated,
+            final_values=final_values[:, :2],
+            gamma=gamma,
+            lam=lam,
+        )
     with pytest.raises(ValueError, match=r"lam must be in \[0, 1\], got -0.1"):
         gae(ep.rewards, values, ep.mask, terminated=ep.terminated, final_values=final_values, gamma=gamma, lam=-0.1)
 
@@ -254,12 +308,16 @@ def test_features_layout():
     feats = LinearFeatureBaseline().features(obs, mask_of([[3, 1]], 3))
     assert feats.shape == (1, 3, 2, 8)
     #              o          o**2        t      t**2    t**3      1
-    expected_e0 = [[1.0, 2.0, 1.0, 4.0, 0.00, 0.0000, 0.000000, 1.0],
-                   [3.0, -1.0, 9.0, 1.0, 0.01, 0.0001, 0.000001, 1.0],
-                   [0.5, 0.0, 0.25, 0.0, 0.02, 0.0004, 0.000008, 1.0]]
-    expected_e1 = [[-2.0, 4.0, 4.0, 16.0, 0.0, 0.0, 0.0, 1.0],
-                   [0.0] * 8,  # masked: zero rows, whatever the observation
-                   [0.0] * 8]
+    expected_e0 = [
+        [1.0, 2.0, 1.0, 4.0, 0.00, 0.0000, 0.000000, 1.0],
+        [3.0, -1.0, 9.0, 1.0, 0.01, 0.0001, 0.000001, 1.0],
+        [0.5, 0.0, 0.25, 0.0, 0.02, 0.0004, 0.000008, 1.0],
+    ]
+    expected_e1 = [
+        [-2.0, 4.0, 4.0, 16.0, 0.0, 0.0, 0.0, 1.0],
+        [0.0] * 8,  # masked: zero rows, whatever the observation
+        [0.0] * 8,
+    ]
     assert_close(feats[0, :, 0], torch.tensor(expected_e0, dtype=torch.float64))
     assert_close(feats[0, :, 1], torch.tensor(expected_e1, dtype=torch.float64))
 
@@ -267,12 +325,12 @@ def test_features_layout():
 def test_final_features_use_episode_length_as_time():
     final_obs = torch.tensor([[[5.0, -1.0], [0.0, 2.0]]], dtype=torch.float64)  # [1, 2, 2]
     feats = LinearFeatureBaseline().final_features(final_obs, torch.tensor([[3, 150]]))
-    expected = [[5.0, -1.0, 25.0, 1.0, 0.03, 0.0009, 0.000027, 1.0],
-                [0.0, 2.0, 0.0, 4.0, 1.5, 2.25, 3.375, 1.0]]
+    expected = [[5.0, -1.0, 25.0, 1.0, 0.03, 0.0009, 0.000027, 1.0], [0.0, 2.0, 0.0, 4.0, 1.5, 2.25, 3.375, 1.0]]
     assert_close(feats, torch.tensor([expected], dtype=torch.float64))
     # time_offset shifts the time index per episode: same as final_features
-    offset = LinearFeatureBaseline().features(final_obs.unsqueeze(1), torch.ones(1, 1, 2),
-                                              time_offset=torch.tensor([[3, 150]]))
+    offset = LinearFeatureBaseline().features(
+        final_obs.unsqueeze(1), torch.ones(1, 1, 2), time_offset=torch.tensor([[3, 150]])
+    )
     assert_close(offset.squeeze(1), feats)
 
 
@@ -355,8 +413,9 @@ def test_fit_raises_after_retries(monkeypatch):
     assert len(calls) == MAX_REG_RETRIES + 1
     # reg goes 1e-5, 1e-4, ..., 1e0 on the diagonal
     diag_extra = [float(c[0, -1, -1] - calls[0][0, -1, -1]) for c in calls]
-    assert_close(torch.tensor(diag_extra), torch.tensor([0.0, 9e-5, 9.9e-4, 9.99e-3, 9.999e-2, 0.99999]),
-                               rtol=1e-6, atol=1e-12)
+    assert_close(
+        torch.tensor(diag_extra), torch.tensor([0.0, 9e-5, 9.9e-4, 9.99e-3, 9.999e-2, 0.99999]), rtol=1e-6, atol=1e-12
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -387,13 +446,19 @@ def test_episodes_sizes_and_statistics():
         ("rewards", lambda ep: ep.rewards[:, :2], r"rewards has shape \(2, 2, 3\), expected \(2, 3, 3\)"),
         ("log_probs", lambda ep: ep.log_probs[:, :, :2], r"log_probs has shape \(2, 3, 2\)"),
         ("mask", lambda ep: ep.mask[:1], r"mask has shape \(1, 3, 3\)"),
-        ("final_observations", lambda ep: ep.final_observations[..., :1],
-         r"final_observations has shape \(2, 3, 1\), expected \(2, 3, 2\)"),
+        (
+            "final_observations",
+            lambda ep: ep.final_observations[..., :1],
+            r"final_observations has shape \(2, 3, 1\), expected \(2, 3, 2\)",
+        ),
         ("terminated", lambda ep: ep.terminated[:, :2], r"terminated has shape \(2, 2\)"),
         ("lengths", lambda ep: ep.lengths[:1], r"lengths has shape \(1, 3\)"),
         ("actions", lambda ep: ep.actions[:, 1:], r"actions has shape \(2, 2, 3, 1\)"),
-        ("observations", lambda ep: ep.observations[0],
-         r"observations must be \[N, H, E, obs_dim\], got shape \(3, 3, 2\)"),
+        (
+            "observations",
+            lambda ep: ep.observations[0],
+            r"observations must be \[N, H, E, obs_dim\], got shape \(3, 3, 2\)",
+        ),
         ("terminated", lambda ep: ep.terminated.float(), "terminated must be a bool tensor"),
         ("lengths", lambda ep: ep.lengths + 1, r"lengths disagree with mask.sum\(1\) at \[task, episode\] = \[0, 0\]"),
         ("mask", lambda ep: ep.mask.flip(1), "mask must be a prefix along H"),

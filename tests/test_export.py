@@ -59,7 +59,10 @@ def test_gaussian_to_sb3_matches_mean_and_log_std(activation):
     policy, env = _gaussian(activation=activation)
     model = to_sb3(policy, env, ppo_kwargs=SMALL)
     assert isinstance(model, PPO)
-    assert type(model.policy.activation_fn) is type and model.policy.activation_fn is {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+    assert (
+        type(model.policy.activation_fn) is type
+        and model.policy.activation_fn is {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+    )
     obs = _obs(64, 2)
     with torch.no_grad():
         ours = policy(obs).mean
@@ -74,7 +77,9 @@ def test_gaussian_to_sb3_matches_mean_and_log_std(activation):
     with torch.no_grad():
         ours_small = policy(small).mean.numpy()
     assert (np.abs(ours_small) < 0.1).any()
-    np.testing.assert_allclose(model.predict(small.numpy(), deterministic=True)[0], np.clip(ours_small, low, high), atol=1e-5)
+    np.testing.assert_allclose(
+        model.predict(small.numpy(), deterministic=True)[0], np.clip(ours_small, low, high), atol=1e-5
+    )
 
 
 def test_categorical_to_sb3_matches_logits_and_argmax():
@@ -110,7 +115,9 @@ def test_to_sb3_copies_an_adapted_parameter_dict():
     with torch.no_grad():
         assert torch.allclose(_sb3_dist(model, obs).mean, policy(obs, params=adapted).mean, atol=1e-5, rtol=0)
     assert torch.equal(model.policy.log_std.detach(), adapted["log_std"])
-    with pytest.raises(ValueError, match=r"params\['out.weight'\] has shape \(3, 2, 16\), the policy's is \(2, 16\) \(task-batched"):
+    with pytest.raises(
+        ValueError, match=r"params\['out.weight'\] has shape \(3, 2, 16\), the policy's is \(2, 16\) \(task-batched"
+    ):
         to_sb3(policy, env, params=adapted | {"out.weight": adapted["out.weight"].expand(3, 2, 16)})
     with pytest.raises(ValueError, match="params must have the policy's parameter names"):
         to_sb3(policy, env, params={"out.weight": adapted["out.weight"]})
@@ -151,8 +158,9 @@ def test_save_load_zip_keeps_actions(tmp_path):
         assert path.is_file()
         loaded = PPO.load(path, device="cpu")
         obs = _obs(32, policy.obs_dim, scale=0.01)
-        np.testing.assert_array_equal(loaded.predict(obs.numpy(), deterministic=True)[0],
-                                      model.predict(obs.numpy(), deterministic=True)[0])
+        np.testing.assert_array_equal(
+            loaded.predict(obs.numpy(), deterministic=True)[0], model.predict(obs.numpy(), deterministic=True)[0]
+        )
         back = from_sb3(loaded)
         for name, value in policy.state_dict().items():
             assert torch.equal(back.state_dict()[name], value), name
@@ -163,8 +171,13 @@ def test_save_load_zip_keeps_actions(tmp_path):
 def test_from_sb3_of_sb3_built_model(algo):
     """A model SB3 built itself (unequal pi/vf sizes, ReLU, non-default log_std): same outputs."""
     kwargs = {"n_steps": 16, "seed": 0} | ({"batch_size": 16} if algo is PPO else {})
-    model = algo("MlpPolicy", gym.make(NAV), device="cpu", **kwargs,
-                 policy_kwargs={"net_arch": {"pi": [8, 6], "vf": [32]}, "activation_fn": nn.ReLU, "log_std_init": -0.7})
+    model = algo(
+        "MlpPolicy",
+        gym.make(NAV),
+        device="cpu",
+        **kwargs,
+        policy_kwargs={"net_arch": {"pi": [8, 6], "vf": [32]}, "activation_fn": nn.ReLU, "log_std_init": -0.7},
+    )
     policy = from_sb3(model)
     assert isinstance(policy, GaussianMLPPolicy)
     assert policy.hidden == (8, 6) and policy.activation == "relu"
@@ -232,15 +245,21 @@ def test_from_sb3_activation_error():
 
 
 def test_from_sb3_squash_and_sde_errors():
-    squashed = PPO("MlpPolicy", gym.make(NAV), device="cpu", use_sde=True, policy_kwargs={"squash_output": True}, **SMALL)
-    with pytest.raises(ValueError, match=r"squashed \(tanh-bounded\) action outputs \(squash_output=True\) are not supported"):
+    squashed = PPO(
+        "MlpPolicy", gym.make(NAV), device="cpu", use_sde=True, policy_kwargs={"squash_output": True}, **SMALL
+    )
+    with pytest.raises(
+        ValueError, match=r"squashed \(tanh-bounded\) action outputs \(squash_output=True\) are not supported"
+    ):
         from_sb3(squashed)
     with pytest.raises(ValueError, match=r"gSDE \(use_sde=True\)"):
         from_sb3(PPO("MlpPolicy", gym.make(NAV), device="cpu", use_sde=True, **SMALL))
 
 
 def test_from_sb3_shared_layers_errors():
-    with pytest.raises(ValueError, match=r"features extractor _SharedTrunk has trainable layers \(shared by actor and critic\)"):
+    with pytest.raises(
+        ValueError, match=r"features extractor _SharedTrunk has trainable layers \(shared by actor and critic\)"
+    ):
         from_sb3(_ppo(features_extractor_class=_SharedTrunk))
     with pytest.raises(ValueError, match=r"trainable layers \(before the actor\)"):
         from_sb3(_ppo(features_extractor_class=_SharedTrunk, share_features_extractor=False))

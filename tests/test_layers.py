@@ -50,7 +50,8 @@ def build_toy(cfg, model, objective):
 def test_a_registered_toy_algorithm_trains_through_metarl_train(tmp_path):
     assert "toy" in algorithms("fewshot") and "toy" not in algorithms("rl")
     config = tmp_path / "toy.yaml"
-    config.write_text(textwrap.dedent("""\
+    config.write_text(
+        textwrap.dedent("""\
         family: sinusoid
         algorithm: toy
         num_iterations: 3
@@ -58,7 +59,8 @@ def test_a_registered_toy_algorithm_trains_through_metarl_train(tmp_path):
         checkpoint_every: 1
         inner: {steps: 1, lr: 0.01}
         eval: {steps: 1, num_tasks: 8, every: 0, chunk: 8}
-    """))
+    """)
+    )
     run = tmp_path / "run"
     assert main(["train", str(config), "--run-dir", str(run), "--no-progress"]) == 0
     learner = BUILT[-1]

@@ -128,9 +128,7 @@ def test_shared_minimal_splits(shared: Omniglot) -> None:
     per_zip: dict[str, set[tuple[str, str]]] = {}
     for name in SMALL_ZIPS:
         with zipfile.ZipFile(DATA_DIR / name) as zf:
-            per_zip[name] = {
-                tuple(Path(n).parts[-3:-1]) for n in zf.namelist() if n.endswith(".png")
-            }
+            per_zip[name] = {tuple(Path(n).parts[-3:-1]) for n in zf.namelist() if n.endswith(".png")}
     overlap = per_zip[SMALL_ZIPS[0]] & per_zip[SMALL_ZIPS[1]]
     assert {a for a, _ in overlap} == {"Greek", "Latin"}
     assert len(per_zip[SMALL_ZIPS[0]]) + len(per_zip[SMALL_ZIPS[1]]) - len(overlap) == 242

@@ -178,8 +178,7 @@ def test_make_hvp_matches_finite_difference_of_gradient():
 
     def gradient(x: torch.Tensor) -> torch.Tensor:
         leaves = {k: p.clone().requires_grad_() for k, p in unflatten(x, like).items()}
-        return flatten(dict(zip(leaves, torch.autograd.grad(
-            quadratic_plus_quartic(leaves), list(leaves.values())))))
+        return flatten(dict(zip(leaves, torch.autograd.grad(quadratic_plus_quartic(leaves), list(leaves.values())))))
 
     hvp = make_hvp(quadratic_plus_quartic, params, damping=0.0)
     x = flatten(like)
@@ -306,8 +305,7 @@ def test_line_search_backtracks_to_the_trust_region():
 
 def test_line_search_backtracks_past_an_overshoot():
     # loss(f) = f (f - 0.7): worse than 0 at f = 1 and 0.8, better at 0.64.
-    result = line_search(Recorder(lambda f: (f * (f - 0.7), 0.0)), FULL_STEP,
-                         loss_before=0.0, max_kl=0.01)
+    result = line_search(Recorder(lambda f: (f * (f - 0.7), 0.0)), FULL_STEP, loss_before=0.0, max_kl=0.01)
     assert (result.accepted, result.fraction, result.steps_taken) == (True, 0.8**2, 3)
 
 
@@ -322,8 +320,7 @@ def test_line_search_rejects_when_nothing_improves():
     assert evaluate.fractions == pytest.approx([0.8**k for k in range(7)])
 
 
-@pytest.mark.parametrize("bad", [(math.nan, 0.0), (0.0, math.nan), (-math.inf, 0.0),
-                                 (0.0, math.inf), (0.0, 0.0100001)])
+@pytest.mark.parametrize("bad", [(math.nan, 0.0), (0.0, math.nan), (-math.inf, 0.0), (0.0, math.inf), (0.0, 0.0100001)])
 def test_line_search_skips_non_finite_or_too_large_kl(bad):
     # The first evaluation is bad; the second one is fine and must be the one accepted.
     answers = iter([bad, (0.5, 0.01)])
@@ -353,12 +350,20 @@ def test_line_search_property_never_accepts_a_bad_step():
             seen.append(step)
             return answers[len(seen) - 1]
 
-        result = line_search(evaluate, full_step, loss_before=loss_before, max_kl=max_kl,
-                             ratio=ratio, max_steps=max_steps)
+        result = line_search(
+            evaluate, full_step, loss_before=loss_before, max_kl=max_kl, ratio=ratio, max_steps=max_steps
+        )
         # Reference rule, written independently: the first finite, improving, in-region answer.
-        good = [i for i, (loss, kl) in enumerate(answers)
-                if not math.isnan(loss) and not math.isnan(kl) and abs(loss) != math.inf
-                and abs(kl) != math.inf and loss < loss_before and kl <= max_kl]
+        good = [
+            i
+            for i, (loss, kl) in enumerate(answers)
+            if not math.isnan(loss)
+            and not math.isnan(kl)
+            and abs(loss) != math.inf
+            and abs(kl) != math.inf
+            and loss < loss_before
+            and kl <= max_kl
+        ]
         assert result.steps_taken == len(seen)
         for k, step in enumerate(seen):
             torch.testing.assert_close(step, ratio**k * full_step, atol=0, rtol=0)

@@ -23,15 +23,33 @@ def _write_run(root: Path, name: str, rows: list[dict]) -> Path:
 
 
 def _rl_rows(n: int = 6, offset: float = 0.0) -> list[dict]:
-    return [{"iteration": i, "return/pre_adapt": -100.0 + 5 * i + offset, "return/post_adapt": -90.0 + 6 * i + offset,
-             "return/pre_adapt_std": 10.0, "return/post_adapt_std": 8.0, "return/post_adapt_step1": -90.0 + 6 * i,
-             "time/iteration": 1.0} for i in range(n)]
+    return [
+        {
+            "iteration": i,
+            "return/pre_adapt": -100.0 + 5 * i + offset,
+            "return/post_adapt": -90.0 + 6 * i + offset,
+            "return/pre_adapt_std": 10.0,
+            "return/post_adapt_std": 8.0,
+            "return/post_adapt_step1": -90.0 + 6 * i,
+            "time/iteration": 1.0,
+        }
+        for i in range(n)
+    ]
 
 
 def _fewshot_rows(n: int = 5) -> list[dict]:
-    return [{"iteration": i, "train/loss_pre_adapt": 4.0 - 0.1 * i, "train/loss_post_adapt": 3.0 - 0.2 * i,
-             "val/accuracy_post_adapt": 0.2 + 0.1 * i, "val/loss_post_adapt": 2.0 - 0.1 * i,
-             "val/accuracy_pre_adapt": 0.2, "time/iteration": 0.01} for i in range(n)]
+    return [
+        {
+            "iteration": i,
+            "train/loss_pre_adapt": 4.0 - 0.1 * i,
+            "train/loss_post_adapt": 3.0 - 0.2 * i,
+            "val/accuracy_post_adapt": 0.2 + 0.1 * i,
+            "val/loss_post_adapt": 2.0 - 0.1 * i,
+            "val/accuracy_pre_adapt": 0.2,
+            "time/iteration": 0.01,
+        }
+        for i in range(n)
+    ]
 
 
 def _assert_png(path: Path) -> None:
@@ -76,14 +94,19 @@ def test_moving_average_rejects_bad_window(window):
 
 def test_default_keys_rl_and_fewshot():
     assert default_keys([_rl_rows()]) == ["return/pre_adapt", "return/post_adapt"]
-    assert default_keys([_fewshot_rows()]) == ["train/loss_pre_adapt", "train/loss_post_adapt",
-                                               "val/accuracy_post_adapt", "val/loss_post_adapt"]
+    assert default_keys([_fewshot_rows()]) == [
+        "train/loss_pre_adapt",
+        "train/loss_post_adapt",
+        "val/accuracy_post_adapt",
+        "val/loss_post_adapt",
+    ]
     # RL wins when a row has both kinds; only the logged RL key is chosen
     mixed = [{"iteration": 0, "return/post_adapt": 1.0, "train/loss_pre_adapt": 2.0}]
     assert default_keys([mixed]) == ["return/post_adapt"]
     # union over runs: one run's key is enough
-    assert default_keys([[{"iteration": 0, "train/loss_post_adapt": 1.0}], [{"iteration": 0, "val/mse_post_adapt": 1.0}]]) == [
-        "train/loss_post_adapt", "val/mse_post_adapt"]
+    assert default_keys(
+        [[{"iteration": 0, "train/loss_post_adapt": 1.0}], [{"iteration": 0, "val/mse_post_adapt": 1.0}]]
+    ) == ["train/loss_post_adapt", "val/mse_post_adapt"]
     assert default_keys([[{"iteration": 0, "time/iteration": 1.0}]]) == []
 
 
@@ -93,8 +116,10 @@ def test_default_keys_rl_and_fewshot():
 
 
 def test_curve_of_joins_sparse_keys_and_smooths_std():
-    rows = [{"iteration": i, "train/loss": float(i)} | ({"val/acc": i / 10, "val/acc_std": 0.1 * i} if i % 3 == 0 else {})
-            for i in range(10)]
+    rows = [
+        {"iteration": i, "train/loss": float(i)} | ({"val/acc": i / 10, "val/acc_std": 0.1 * i} if i % 3 == 0 else {})
+        for i in range(10)
+    ]
     x, y, std = curve_of(rows, "val/acc")
     np.testing.assert_array_equal(x, [0, 3, 6, 9])  # only the iterations that log the key
     np.testing.assert_allclose(y, [0.0, 0.3, 0.6, 0.9])
@@ -125,8 +150,12 @@ def test_plot_runs_rl_writes_png(tmp_path):
 def test_plot_runs_fewshot_defaults_explicit_keys_and_smoothing(tmp_path):
     run = _write_run(tmp_path, "omniglot", _fewshot_rows())
     out = tmp_path / "fewshot.png"
-    assert plot_runs([run], out) == ["train/loss_pre_adapt", "train/loss_post_adapt",
-                                     "val/accuracy_post_adapt", "val/loss_post_adapt"]
+    assert plot_runs([run], out) == [
+        "train/loss_pre_adapt",
+        "train/loss_post_adapt",
+        "val/accuracy_post_adapt",
+        "val/loss_post_adapt",
+    ]
     _assert_png(out)
     out.unlink()
     assert plot_runs([str(run)], out, keys=["time/iteration"], smooth=3) == ["time/iteration"]
@@ -138,7 +167,9 @@ def test_plot_runs_key_logged_by_some_runs_only(tmp_path):
     fewshot = _write_run(tmp_path, "fs", _fewshot_rows())
     out = tmp_path / "both.png"
     assert plot_runs([rl, fewshot], out, keys=["return/post_adapt", "val/accuracy_post_adapt"]) == [
-        "return/post_adapt", "val/accuracy_post_adapt"]
+        "return/post_adapt",
+        "val/accuracy_post_adapt",
+    ]
     _assert_png(out)
 
 
@@ -168,8 +199,11 @@ def test_plot_runs_errors(tmp_path):
     with pytest.raises(ValueError, match=r"run dir .*empty: metrics.jsonl has no rows"):
         plot_runs([empty], out)
     run = _write_run(tmp_path, "maml", _rl_rows())
-    with pytest.raises(ValueError, match=r"key\(s\) \['val/accuracy_post_adapt'\] are logged by none of the runs .*maml.*"
-                                         r"available keys: \['return/post_adapt', 'return/post_adapt_std'"):
+    with pytest.raises(
+        ValueError,
+        match=r"key\(s\) \['val/accuracy_post_adapt'\] are logged by none of the runs .*maml.*"
+        r"available keys: \['return/post_adapt', 'return/post_adapt_std'",
+    ):
         plot_runs([run], out, keys=["return/pre_adapt", "val/accuracy_post_adapt"])
     with pytest.raises(ValueError, match="keys is empty"):
         plot_runs([run], out, keys=[])
@@ -187,18 +221,30 @@ def test_plot_runs_errors(tmp_path):
 
 
 def test_plot_adaptation_multi_method(tmp_path):
-    result = {"metric": "return", "steps": [0, 1, 2, 3], "num_tasks": 40,
-              "methods": {"meta": {"mean": [-60.0, -30.0, -20.0, -15.0], "ci95": [3.0, 2.0, 2.0, 1.5]},
-                          "random_init": {"mean": [-60.0, -58.0, -55.0, -52.0], "ci95": [3.0, 3.0, 3.0, 3.0]},
-                          "pretrained": {"mean": [-40.0, -38.0, -37.0, -36.0]}}}  # no ci95: no band
+    result = {
+        "metric": "return",
+        "steps": [0, 1, 2, 3],
+        "num_tasks": 40,
+        "methods": {
+            "meta": {"mean": [-60.0, -30.0, -20.0, -15.0], "ci95": [3.0, 2.0, 2.0, 1.5]},
+            "random_init": {"mean": [-60.0, -58.0, -55.0, -52.0], "ci95": [3.0, 3.0, 3.0, 3.0]},
+            "pretrained": {"mean": [-40.0, -38.0, -37.0, -36.0]},
+        },
+    }  # no ci95: no band
     out = tmp_path / "adapt.png"
     assert plot_adaptation(result, out, title="Navigation2D") == ["meta", "random_init", "pretrained"]
     _assert_png(out)
 
 
 def test_plot_adaptation_single_method(tmp_path):
-    result = {"metric": "mse", "steps": list(range(11)), "mean": [2.8 / (1 + s) for s in range(11)],
-              "ci95": [0.2] * 11, "num_tasks": 600, "iteration": 70000}
+    result = {
+        "metric": "mse",
+        "steps": list(range(11)),
+        "mean": [2.8 / (1 + s) for s in range(11)],
+        "ci95": [0.2] * 11,
+        "num_tasks": 600,
+        "iteration": 70000,
+    }
     out = tmp_path / "single.png"
     assert plot_adaptation(result, out) == ["mean"]
     _assert_png(out)

@@ -14,14 +14,14 @@ import torch
 
 from agents.maml import MAML
 from agents.maml_trpo import MAMLTRPO
-from agents.reptile import Reptile
 from agents.policies import GaussianMLPPolicy
-from metarl.rl.value_baselines import LinearFeatureBaseline
+from agents.reptile import Reptile
+from metarl.core.trpo import flatten, make_hvp, unflatten
 from metarl.rl.advantages import compute_advantages
 from metarl.rl.episodes import Episodes
-from metarl.core.trpo import flatten, make_hvp, unflatten
 from metarl.rl.objective import PolicyGradientObjective, RLBatch, StepData, expand_to_tasks, masked_task_mean
 from metarl.rl.sampling import VectorSampler, task_seeds
+from metarl.rl.value_baselines import LinearFeatureBaseline
 
 ROOT = Path(__file__).resolve().parents[1]
 NAV = "metarl/Navigation2D-v0"
@@ -49,8 +49,9 @@ def tiny_batch(n=3, e=4, horizon=12, seed=0, hidden=(8,), lr=0.5):
     train = [data(sampler.sample(policy, policy.params(), tasks, task_seeds(seed, 0, n=n)))]
     policy.double()
     phi = learner.adapt(learner.theta(), train)
-    valid_ep = sampler.sample(policy.float(), {k: v.float() for k, v in phi.items()}, tasks, task_seeds(seed, 1, n=n),
-                              per_task=True)
+    valid_ep = sampler.sample(
+        policy.float(), {k: v.float() for k, v in phi.items()}, tasks, task_seeds(seed, 1, n=n), per_task=True
+    )
     policy.double()
     # the sampler's log-probs are float32: recompute them in float64 so the surrogate's ratios are exactly 1
     valid_ep = double(valid_ep)
@@ -65,7 +66,7 @@ def test_inner_loop_takes_each_tasks_own_policy_gradient_step():
     theta = learner.theta()
     phi = learner.adapt(theta, train)
     for i in range(train[0].episodes.num_tasks):
-        one = StepData(train[0].episodes.task(i), train[0].advantages[i:i + 1])
+        one = StepData(train[0].episodes.task(i), train[0].advantages[i : i + 1])
         p = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
         loss = learner.objective.support_loss(expand_to_tasks(p, 1), one)
         grads = torch.autograd.grad(loss, list(p.values()))
@@ -169,13 +170,17 @@ def test_no_improvement_leaves_the_policy_unchanged():
 
 def test_reptile_moves_theta_toward_the_mean_adapted_parameters():
     policy, _, train, _ = tiny_batch()
-    reptile = Reptile(policy, PolicyGradientObjective(policy), inner_lrs=[0.5], epsilon_start=0.5, epsilon_end=0.0, num_iterations=10)
+    reptile = Reptile(
+        policy, PolicyGradientObjective(policy), inner_lrs=[0.5], epsilon_start=0.5, epsilon_end=0.0, num_iterations=10
+    )
     theta = {k: v.detach().clone() for k, v in policy.named_parameters()}
     phi = reptile.adapt(theta, train)
     metrics = reptile.step(RLBatch(train, None), iteration=2)
     assert metrics["epsilon"] == pytest.approx(0.4)
     for name, p in policy.named_parameters():
-        torch.testing.assert_close(p.detach(), theta[name] + 0.4 * (phi[name].mean(0) - theta[name]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            p.detach(), theta[name] + 0.4 * (phi[name].mean(0) - theta[name]), rtol=1e-12, atol=1e-12
+        )
 
 
 def test_fomaml_adam_gradient_is_the_query_gradient_at_the_adapted_parameters():
@@ -195,23 +200,35 @@ def test_fomaml_adam_gradient_is_the_query_gradient_at_the_adapted_parameters():
 
 # ----------------------------------------------------------------------------- CLI runs
 
-TINY = ["num_iterations=2", "meta_batch_size=2", "episodes_per_task=2", "horizon=10", "checkpoint_every=1",
-        "eval.num_tasks=2", "eval.steps=1", "policy.hidden=[8]", "threads=1"]
+TINY = [
+    "num_iterations=2",
+    "meta_batch_size=2",
+    "episodes_per_task=2",
+    "horizon=10",
+    "checkpoint_every=1",
+    "eval.num_tasks=2",
+    "eval.steps=1",
+    "policy.hidden=[8]",
+    "threads=1",
+]
 
 
 def metarl(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "metarl", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("family, algorithm, extra", [
-    ("Navigation2D", "maml_trpo", []),
-    ("Navigation2D", "fomaml", []),
-    ("Navigation2D", "fomaml", ["outer.optimizer=adam"]),
-    ("Navigation2D", "reptile", ["inner.steps=2"]),
-    ("HalfCheetahVel", "maml_trpo", []),
-    ("HalfCheetahVel", "fomaml", []),
-    ("HalfCheetahVel", "reptile", ["inner.steps=2"]),
-])
+@pytest.mark.parametrize(
+    "family, algorithm, extra",
+    [
+        ("Navigation2D", "maml_trpo", []),
+        ("Navigation2D", "fomaml", []),
+        ("Navigation2D", "fomaml", ["outer.optimizer=adam"]),
+        ("Navigation2D", "reptile", ["inner.steps=2"]),
+        ("HalfCheetahVel", "maml_trpo", []),
+        ("HalfCheetahVel", "fomaml", []),
+        ("HalfCheetahVel", "reptile", ["inner.steps=2"]),
+    ],
+)
 def test_one_iteration_smoke_runs(tmp_path, family, algorithm, extra):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"family: {family}\nalgorithm: {algorithm}\nnum_iterations: 1\n")
@@ -220,7 +237,14 @@ def test_one_iteration_smoke_runs(tmp_path, family, algorithm, extra):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
-    for key in ("return/pre_adapt", "return/post_adapt", "env_steps", "time/iteration", "time/sampling", "time/meta_update"):
+    for key in (
+        "return/pre_adapt",
+        "return/post_adapt",
+        "env_steps",
+        "time/iteration",
+        "time/sampling",
+        "time/meta_update",
+    ):
         assert key in rows[-1], key
     steps = 2 if "inner.steps=2" in extra else 1
     most = 2 * (steps + 1) * 2 * 2 * 10  # iterations x phases x tasks x episodes x horizon
@@ -236,9 +260,18 @@ def test_one_iteration_smoke_runs(tmp_path, family, algorithm, extra):
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     cfg = ROOT / "experiments" / "navigation2d" / "maml_trpo.yaml"
-    args = ["meta_batch_size=3", "episodes_per_task=3", "horizon=15", "checkpoint_every=2", "policy.hidden=[8]", "threads=1"]
+    args = [
+        "meta_batch_size=3",
+        "episodes_per_task=3",
+        "horizon=15",
+        "checkpoint_every=2",
+        "policy.hidden=[8]",
+        "threads=1",
+    ]
     whole, part = tmp_path / "whole", tmp_path / "part"
-    assert metarl("train", str(cfg), "--run-dir", str(whole), "--no-progress", "num_iterations=4", *args).returncode == 0
+    assert (
+        metarl("train", str(cfg), "--run-dir", str(whole), "--no-progress", "num_iterations=4", *args).returncode == 0
+    )
     assert metarl("train", str(cfg), "--run-dir", str(part), "--no-progress", "num_iterations=2", *args).returncode == 0
     result = metarl("train", "--resume", "--run-dir", str(part), "--no-progress", "num_iterations=4")
     assert result.returncode == 0, result.stderr
@@ -260,8 +293,13 @@ def test_bad_rl_config_values_are_named(tmp_path):
     cfg.write_text("family: Navigation2D\nalgorithm: maml_trpo\nnum_iterations: 1\nouter: {optimizer: adam}\n")
     result = metarl("train", str(cfg), "--run-dir", str(tmp_path / "r2"))
     assert result.returncode == 2 and "outer.optimizer" in result.stderr
-    result = metarl("train", str(ROOT / "experiments/navigation2d/maml_trpo.yaml"), "--run-dir", str(tmp_path / "r3"),
-                    "outer.trpo.max_kl=-1")
+    result = metarl(
+        "train",
+        str(ROOT / "experiments/navigation2d/maml_trpo.yaml"),
+        "--run-dir",
+        str(tmp_path / "r3"),
+        "outer.trpo.max_kl=-1",
+    )
     assert result.returncode == 2 and "outer.trpo.max_kl" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -27,7 +27,9 @@ def tasks_of(env_id, n, seed=0):
 
 
 def equal(a, b) -> bool:
-    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b))
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b)
+    )
 
 
 def policy_for(sampler, seed=0, **kwargs):
@@ -84,8 +86,10 @@ def test_categorical_policy_samples_by_inverse_cdf():
     assert gaussian.noise((5, 4), torch.Generator().manual_seed(0)).shape == (5, 4, 2)
 
 
-@pytest.mark.parametrize("env_id, episodes, hidden", [(NAV, 2, (64, 64)), (CHEETAH, 2, (64, 64)), (CHEETAH, 3, (64, 64)),
-                                                     (CHEETAH, 5, (100, 100)), (NAV, 7, (10,))])
+@pytest.mark.parametrize(
+    "env_id, episodes, hidden",
+    [(NAV, 2, (64, 64)), (CHEETAH, 2, (64, 64)), (CHEETAH, 3, (64, 64)), (CHEETAH, 5, (100, 100)), (NAV, 7, (10,))],
+)
 def test_same_seed_same_episodes_whatever_the_grouping(env_id, episodes, hidden):
     sampler = VectorSampler(env_id, episodes_per_task=episodes, horizon=20)
     policy = policy_for(sampler, hidden=hidden)
@@ -93,7 +97,7 @@ def test_same_seed_same_episodes_whatever_the_grouping(env_id, episodes, hidden)
     tasks, seeds = tasks_of(env_id, n), task_seeds(3, 7, n=n)
     whole = sampler.sample(policy, policy.params(), tasks, seeds)
     assert equal(whole, sampler.sample(policy, policy.params(), tasks, seeds))
-    parts = [sampler.sample(policy, policy.params(), tasks[i:i + 1], seeds[i:i + 1]) for i in range(n)]
+    parts = [sampler.sample(policy, policy.params(), tasks[i : i + 1], seeds[i : i + 1]) for i in range(n)]
     assert equal(whole, type(whole).cat(parts))
     assert whole.success is None  # neither family reports success
     other = sampler.sample(policy, policy.params(), tasks, task_seeds(3, 8, n=n))
@@ -155,8 +159,10 @@ def test_ray_sampler_equals_the_in_process_sampler(ray_local, workers):
     try:
         assert sampler.horizon == local.horizon == 25
         assert equal(sampler.sample(policy.params(), tasks, seeds), local.sample(policy, policy.params(), tasks, seeds))
-        assert equal(sampler.sample(stacked, tasks, seeds, per_task=True),
-                     local.sample(policy, stacked, tasks, seeds, per_task=True))
+        assert equal(
+            sampler.sample(stacked, tasks, seeds, per_task=True),
+            local.sample(policy, stacked, tasks, seeds, per_task=True),
+        )
         assert sampler.events == []
     finally:
         sampler.close()
@@ -164,9 +170,9 @@ def test_ray_sampler_equals_the_in_process_sampler(ray_local, workers):
 
 def _killed_worker_run(kill_after_s: float | None):
     """Sample 8 tasks with 2 workers, SIGKILLing worker 0 before the call (None) or during it."""
-    from metarl.rl.sampling import RaySampler
-
     import ray
+
+    from metarl.rl.sampling import RaySampler
 
     events = []
     horizon = 1000  # each share is 4 tasks x 8 episodes x 1000 steps: seconds of work
@@ -174,8 +180,9 @@ def _killed_worker_run(kill_after_s: float | None):
     policy = policy_for(local)
     n = 8
     tasks, seeds = tasks_of(CHEETAH, n), task_seeds(5, 0, n=n)
-    sampler = RaySampler(CHEETAH, policy=policy, episodes_per_task=8, horizon=horizon, num_workers=2,
-                         on_event=events.append)
+    sampler = RaySampler(
+        CHEETAH, policy=policy, episodes_per_task=8, horizon=horizon, num_workers=2, on_event=events.append
+    )
     try:
         victim = sampler.worker_pids()[0]
         if kill_after_s is None:

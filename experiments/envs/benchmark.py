@@ -74,8 +74,9 @@ def bench_family(name: str, steps: int, repeats: int) -> dict:
     family.reset(seed=0)
     family.unwrapped.set_task(family.unwrapped.sample_tasks(1)[0])
     rng = np.random.default_rng(0)
-    actions = rng.uniform(family.action_space.low, family.action_space.high,
-                          size=(steps, *family.action_space.shape)).astype(np.float32)
+    actions = rng.uniform(
+        family.action_space.low, family.action_space.high, size=(steps, *family.action_space.shape)
+    ).astype(np.float32)
     if parent_id is None:  # Navigation2D: single env against the native vector env (100 envs)
         vec = make_task_vector_env(env_id, 100)
         vec_actions = rng.uniform(-0.1, 0.1, size=(max(steps // 100, 1) * 10, 100, 2)).astype(np.float32)
@@ -84,11 +85,17 @@ def bench_family(name: str, steps: int, repeats: int) -> dict:
             rates["family"].append(steps_per_second(family, actions, 0))
             rates["vector_100_envs"].append(vector_steps_per_second(vec, vec_actions))
         med = {k: statistics.median(v) for k, v in rates.items()}
-        return {"env": env_id, "steps_per_s": round(med["family"]), "vector_100_envs_steps_per_s": round(med["vector_100_envs"])}
+        return {
+            "env": env_id,
+            "steps_per_s": round(med["family"]),
+            "vector_100_envs_steps_per_s": round(med["vector_100_envs"]),
+        }
     if parent_id == "metaworld":
         raw = family.unwrapped._env
-        parent = gym.wrappers.TimeLimit(gym.wrappers.OrderEnforcing(gym.wrappers.PassiveEnvChecker(raw)),
-                                        max_episode_steps=family.spec.max_episode_steps)
+        parent = gym.wrappers.TimeLimit(
+            gym.wrappers.OrderEnforcing(gym.wrappers.PassiveEnvChecker(raw)),
+            max_episode_steps=family.spec.max_episode_steps,
+        )
     else:
         parent = gym.make(parent_id, **parent_kwargs)
     rates = {"family": [], "parent": []}
@@ -97,8 +104,13 @@ def bench_family(name: str, steps: int, repeats: int) -> dict:
         rates["parent"].append(steps_per_second(parent, actions, 0))
     med = {k: statistics.median(v) for k, v in rates.items()}
     ratio = statistics.median(f / p for f, p in zip(rates["family"], rates["parent"]))
-    return {"env": env_id, "parent": parent_id, "steps_per_s": round(med["family"]),
-            "parent_steps_per_s": round(med["parent"]), "overhead": round(1 - ratio, 4)}
+    return {
+        "env": env_id,
+        "parent": parent_id,
+        "steps_per_s": round(med["family"]),
+        "parent_steps_per_s": round(med["parent"]),
+        "overhead": round(1 - ratio, 4),
+    }
 
 
 def main() -> None:
@@ -113,8 +125,13 @@ def main() -> None:
     for name in names:
         results[name] = bench_family(name, args.steps, args.repeats)
         print(json.dumps({name: results[name]}), flush=True)
-    record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "repeats": args.repeats, "results": results}
+    record = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "results": results,
+    }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=2) + "\n")
 

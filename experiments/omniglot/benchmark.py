@@ -35,28 +35,54 @@ def run_one(name: str, out: Path, minutes: float | None = None) -> dict:
     log = (out / f"{name}.log").open("w")
     t0 = time.time()
     stopped = False
-    train = subprocess.Popen([sys.executable, "-m", "metarl", "train", str(HERE / f"{name}.yaml"), "--run-dir",
-                              str(run_dir), "--no-progress"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    train = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "metarl",
+            "train",
+            str(HERE / f"{name}.yaml"),
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
     try:
         code = train.wait(timeout=None if minutes is None else minutes * 60)
     except subprocess.TimeoutExpired:
         train.send_signal(signal.SIGTERM)
         code, stopped = train.wait(), True
         if code not in (0, 130):
-            raise RuntimeError(f"{name}: training stopped at the time budget exited with {code}; see {log.name}")
+            raise RuntimeError(
+                f"{name}: training stopped at the time budget exited with {code}; see {log.name}"
+            ) from None
     else:
         if code != 0:
             raise RuntimeError(f"{name}: training failed with exit status {code}; see {log.name}")
     train_s = time.time() - t0
-    subprocess.run([sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--json", str(out / f"{name}.eval.json")],
-                   check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--json", str(out / f"{name}.eval.json")],
+        check=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
     result = json.loads((out / f"{name}.eval.json").read_text())
     setting = name.split("_")[-1]
-    row = {"config": f"experiments/omniglot/{name}.yaml", "train_minutes": round(train_s / 60, 1),
-           "iterations": result["iteration"], "steps": result["steps"][-1],
-           "accuracy": round(result["mean"][-1], 4), "ci95": round(result["ci95"][-1], 4),
-           "accuracy_by_step": [round(x, 4) for x in result["mean"]], "num_tasks": result["num_tasks"],
-           "target": TARGETS[setting]}
+    row = {
+        "config": f"experiments/omniglot/{name}.yaml",
+        "train_minutes": round(train_s / 60, 1),
+        "iterations": result["iteration"],
+        "steps": result["steps"][-1],
+        "accuracy": round(result["mean"][-1], 4),
+        "ci95": round(result["ci95"][-1], 4),
+        "accuracy_by_step": [round(x, 4) for x in result["mean"]],
+        "num_tasks": result["num_tasks"],
+        "target": TARGETS[setting],
+    }
     if stopped:
         row["stopped_at_budget"] = f"stopped after {minutes} minutes; the last checkpoint was evaluated"
     print(json.dumps({name: row}), flush=True)
@@ -75,8 +101,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = dict(zip(names, pool.map(lambda n: run_one(n, args.out, args.minutes), names)))
-    record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d"), "parallel_runs": args.parallel, "results": rows}
+    record = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "parallel_runs": args.parallel,
+        "results": rows,
+    }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.results.read_text()) if args.results.exists() else {"results": {}}
     previous["results"].update(rows)
@@ -84,7 +114,10 @@ def main() -> None:
     args.results.write_text(json.dumps(previous, indent=2) + "\n")
     print(f"{'config':<16} {'minutes':>7} {'iters':>6} {'accuracy':>9} {'ci95':>7} {'target':>7}")
     for name, r in rows.items():
-        print(f"{name:<16} {r['train_minutes']:>7} {r['iterations']:>6} {r['accuracy']:>9.4f} {r['ci95']:>7.4f} {r['target']:>7}")
+        print(
+            f"{name:<16} {r['train_minutes']:>7} {r['iterations']:>6} {r['accuracy']:>9.4f} {r['ci95']:>7.4f} "
+            f"{r['target']:>7}"
+        )
 
 
 if __name__ == "__main__":

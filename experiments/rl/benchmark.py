@@ -49,8 +49,17 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 def train(name: str, run_dir: Path, overrides: list[str], minutes: float | None, log) -> float:
     """Train (or resume) the run; returns its total training time in seconds."""
-    cmd = [sys.executable, "-m", "metarl", "train", str(ROOT / "experiments" / f"{name}.yaml"),
-           "--run-dir", str(run_dir), "--no-progress", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "metarl",
+        "train",
+        str(ROOT / "experiments" / f"{name}.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        *overrides,
+    ]
     spent = 0.0
     if (run_dir / "config.yaml").exists():
         cmd = [sys.executable, "-m", "metarl", "train", "--resume", "--run-dir", str(run_dir), "--no-progress"]
@@ -83,15 +92,25 @@ def summarize(name: str, run_dir: Path, eval_json: Path | None, train_s: float |
         "iterations": len(rows),
         "train_minutes": round(train_s / 60, 1) if train_s else None,
         "seconds_per_iteration_median": round(statistics.median(r["time/iteration"] for r in rows), 3),
-        "breakdown_median_s": {k: round(statistics.median(r[f"time/{k}"] for r in rows), 3)
-                               for k in ("sampling", "adaptation", "meta_update")},
+        "breakdown_median_s": {
+            k: round(statistics.median(r[f"time/{k}"] for r in rows), 3)
+            for k in ("sampling", "adaptation", "meta_update")
+        },
         "env_steps_per_s_median": round(statistics.median(r["env_steps_per_s"] for r in rows)),
         "env_steps": rows[-1]["env_steps"],
-        "return_first_iteration": {"pre": round(rows[0]["return/pre_adapt"], 2), "post": round(rows[0]["return/post_adapt"], 2)},
+        "return_first_iteration": {
+            "pre": round(rows[0]["return/pre_adapt"], 2),
+            "post": round(rows[0]["return/post_adapt"], 2),
+        },
         "return_iterations_51_60": {"pre": mean("return/pre_adapt", 51, 60), "post": mean("return/post_adapt", 51, 60)},
-        "return_last_10": {"pre": mean("return/pre_adapt", last - 9, last), "post": mean("return/post_adapt", last - 9, last)},
-        "curve": {"pre": [round(r["return/pre_adapt"], 2) for r in rows],
-                  "post": [round(r["return/post_adapt"], 2) for r in rows]},
+        "return_last_10": {
+            "pre": mean("return/pre_adapt", last - 9, last),
+            "post": mean("return/post_adapt", last - 9, last),
+        },
+        "curve": {
+            "pre": [round(r["return/pre_adapt"], 2) for r in rows],
+            "post": [round(r["return/post_adapt"], 2) for r in rows],
+        },
     }
     if eval_json is not None and eval_json.exists():
         ev = json.loads(eval_json.read_text())
@@ -117,8 +136,13 @@ def main() -> None:
         eval_json = None
         if not args.no_eval:
             eval_json = args.out / f"{run_dir.name}.eval.json"
-            subprocess.run([sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--json", str(eval_json)],
-                           cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(
+                [sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--json", str(eval_json)],
+                cwd=ROOT,
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         row = summarize(name, run_dir, eval_json, train_s)
         row["run_dir"] = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
         if overrides:

@@ -3,8 +3,9 @@
 - HalfCheetahVel, 40 tasks x 20 episodes x 100 steps with the real Gaussian MLP policy (64-64
   tanh): the in-process :class:`VectorSampler` and the :class:`RaySampler` with 1 and 2 workers,
   next to gymnasium's plain ``HalfCheetah-v5`` stepped in a bare loop with no policy, replaying
-  the actions the policy took in an untimed warm-up call (so both loops simulate the same motion). Goal: the Ray sampler reaches at least 70% of the bare loop's rate times the number of
-  workers.
+  the actions the policy took in an untimed warm-up call (so both loops simulate the same
+  motion). Goal: the Ray sampler reaches at least 70% of the bare loop's rate times the number
+  of workers.
 - Navigation2D at the same shape, in-process (goal: at least 1 million env steps/s).
 
 Measurements are interleaved (bare, in-process, Ray 1, Ray 2, ... repeated) so machine noise
@@ -101,19 +102,24 @@ def main() -> None:
         sampler.sample(params, tasks, task_seeds(0, 0, n=n))
     nav_sampler.sample(nav_policy, nav_policy.params(), nav_tasks, task_seeds(0, 0, n=n))
 
-    rates: dict[str, list[float]] = {k: [] for k in ("bare_loop", "in_process", "ray_1_worker", "ray_2_workers", "navigation2d")}
+    rates: dict[str, list[float]] = {
+        k: [] for k in ("bare_loop", "in_process", "ray_1_worker", "ray_2_workers", "navigation2d")
+    }
     for r in range(1, args.repeats + 1):
         seeds = task_seeds(0, r, n=n)
         rates["bare_loop"].append(bare_loop(min(steps, 20_000), replay))
-        rates["in_process"].append(timed(lambda: local.sample(policy, params, tasks, seeds)))
-        rates["ray_1_worker"].append(timed(lambda: rays[1].sample(params, tasks, seeds)))
-        rates["ray_2_workers"].append(timed(lambda: rays[2].sample(params, tasks, seeds)))
-        rates["navigation2d"].append(timed(lambda: nav_sampler.sample(nav_policy, nav_policy.params(), nav_tasks, seeds)))
+        rates["in_process"].append(timed(lambda seeds=seeds: local.sample(policy, params, tasks, seeds)))
+        rates["ray_1_worker"].append(timed(lambda seeds=seeds: rays[1].sample(params, tasks, seeds)))
+        rates["ray_2_workers"].append(timed(lambda seeds=seeds: rays[2].sample(params, tasks, seeds)))
+        rates["navigation2d"].append(
+            timed(lambda seeds=seeds: nav_sampler.sample(nav_policy, nav_policy.params(), nav_tasks, seeds))
+        )
         print(json.dumps({k: round(v[-1]) for k, v in rates.items()}), flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
     bare = med["bare_loop"]
     record = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "shape": {"tasks": n, "episodes_per_task": e, "horizon": h, "steps_per_call": steps},
         "repeats": args.repeats,

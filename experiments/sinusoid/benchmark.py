@@ -36,34 +36,68 @@ ROOT = HERE.parents[1]
 def train_and_evaluate(name: str, out: Path) -> dict:
     run_dir = out / name
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "metarl", "train", str(HERE / f"{name}.yaml"), "--run-dir", str(run_dir),
-                    "--no-progress", "threads=1"], check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metarl",
+            "train",
+            str(HERE / f"{name}.yaml"),
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "threads=1",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     minutes = (time.time() - t0) / 60
-    subprocess.run([sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--json", str(out / f"{name}.eval.json")],
-                   check=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--json", str(out / f"{name}.eval.json")],
+        check=True,
+        cwd=ROOT,
+    )
     result = json.loads((out / f"{name}.eval.json").read_text())
-    return {"config": f"experiments/sinusoid/{name}.yaml", "train_minutes": round(minutes, 1),
-            "mse_by_step": [round(x, 4) for x in result["mean"]], "ci95_by_step": [round(x, 4) for x in result["ci95"]],
-            "mse_1_step": round(result["mean"][1], 4), "mse_10_steps": round(result["mean"][10], 4),
-            "num_tasks": result["num_tasks"]}
+    return {
+        "config": f"experiments/sinusoid/{name}.yaml",
+        "train_minutes": round(minutes, 1),
+        "mse_by_step": [round(x, 4) for x in result["mean"]],
+        "ci95_by_step": [round(x, 4) for x in result["ci95"]],
+        "mse_1_step": round(result["mean"][1], 4),
+        "mse_10_steps": round(result["mean"][10], 4),
+        "num_tasks": result["num_tasks"],
+    }
 
 
 def time_batched_vs_loop(repeats: int = 5) -> dict:
-    from metarl.fewshot.batch import FewShotBatch
+    from agents.maml import MAML
     from agents.models import MLP, ConvNet
+    from metarl.fewshot.batch import FewShotBatch
     from metarl.fewshot.objective import FewShotObjective
     from metarl.fewshot.sinusoid import SinusoidTasks
-    from agents.maml import MAML
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     cases = {
-        "sinusoid_mlp_25_tasks": (lambda batched: MLP(1, [40, 40], 1), "regression",
-                                  SinusoidTasks(k_shot=10, k_query=10).sample(25, rng), 0.01, 50),
-        "omniglot_conv_8_tasks_5w1s": (lambda batched: ConvNet(n_way=5, vmap_safe_norm=batched), "classification",
-                                       FewShotBatch(torch.rand(8, 5, 1, 28, 28), torch.arange(5).repeat(8, 1),
-                                                    torch.rand(8, 25, 1, 28, 28), torch.arange(5).repeat_interleave(5).repeat(8, 1)),
-                                       0.4, 2),
+        "sinusoid_mlp_25_tasks": (
+            lambda batched: MLP(1, [40, 40], 1),
+            "regression",
+            SinusoidTasks(k_shot=10, k_query=10).sample(25, rng),
+            0.01,
+            50,
+        ),
+        "omniglot_conv_8_tasks_5w1s": (
+            lambda batched: ConvNet(n_way=5, vmap_safe_norm=batched),
+            "classification",
+            FewShotBatch(
+                torch.rand(8, 5, 1, 28, 28),
+                torch.arange(5).repeat(8, 1),
+                torch.rand(8, 25, 1, 28, 28),
+                torch.arange(5).repeat_interleave(5).repeat(8, 1),
+            ),
+            0.4,
+            2,
+        ),
     }
     out = {}
     for case, (make, kind, batch, lr, iters) in cases.items():
@@ -71,7 +105,9 @@ def time_batched_vs_loop(repeats: int = 5) -> dict:
         for batched in (True, False):
             torch.manual_seed(0)
             model = make(batched)
-            learners[batched] = MAML(model, FewShotObjective(model, kind=kind), inner_lrs=[lr], outer_lr=1e-3, batched=batched)
+            learners[batched] = MAML(
+                model, FewShotObjective(model, kind=kind), inner_lrs=[lr], outer_lr=1e-3, batched=batched
+            )
             learners[batched].step(batch, 0)  # warm-up
         times = {True: [], False: []}
         for _ in range(repeats):  # interleaved so that machine noise hits both alike
@@ -81,8 +117,11 @@ def time_batched_vs_loop(repeats: int = 5) -> dict:
                     learner.step(batch, it)
                 times[batched].append((time.perf_counter() - t0) / iters)
         b, l = statistics.median(times[True]), statistics.median(times[False])
-        out[case] = {"batched_s_per_iteration": round(b, 5), "loop_s_per_iteration": round(l, 5),
-                     "speedup_batched_over_loop": round(l / b, 2)}
+        out[case] = {
+            "batched_s_per_iteration": round(b, 5),
+            "loop_s_per_iteration": round(l, 5),
+            "speedup_batched_over_loop": round(l / b, 2),
+        }
         print(case, out[case], flush=True)
     return out
 
@@ -94,8 +133,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "sinusoid.json")
     args = parser.parse_args()
     record = json.loads(args.results.read_text()) if args.results.exists() else {}
-    stamp = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
-             "date": time.strftime("%Y-%m-%d")}
+    stamp = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
     record["batched_inner_loop"] = {**stamp, **time_batched_vs_loop()}
     if not args.skip_training:
         args.out.mkdir(parents=True, exist_ok=True)

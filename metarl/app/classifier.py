@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from metarl.core.config import load_config
-from metarl.runs.fewshot_config import FewShotConfig
-from metarl.runs.fewshot import build_model
-from metarl.fewshot.objective import FewShotObjective
-from metarl.fewshot.images import preprocess_images
 from metarl.core.functional import Params, adapt, call, inner_lrs, params_of
+from metarl.fewshot.images import preprocess_images
+from metarl.fewshot.objective import FewShotObjective
+from metarl.runs.fewshot import build_model
+from metarl.runs.fewshot_config import FewShotConfig
 from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError, load_checkpoint
 
 
@@ -52,13 +52,18 @@ class FewShotClassifier:
             raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG})")
         cfg = load_config(FewShotConfig, run_dir / CONFIG)
         if cfg.family != "omniglot":
-            raise RunError(f"{run_dir} is a {cfg.family!r} run; FewShotClassifier needs an image-classification run (family: omniglot)")
+            raise RunError(
+                f"{run_dir} is a {cfg.family!r} run; FewShotClassifier needs an image-classification run "
+                "(family: omniglot)"
+            )
         model = build_model(cfg)
         state = load_checkpoint(run_dir / CHECKPOINT)
         model.load_state_dict(state["model"])
         return cls(model, cfg)
 
-    def adapt(self, support_images: Any, support_labels: Sequence[Hashable], steps: int | None = None) -> AdaptedClassifier:
+    def adapt(
+        self, support_images: Any, support_labels: Sequence[Hashable], steps: int | None = None
+    ) -> AdaptedClassifier:
         """Fine-tune on the support set with the run's inner loop (``eval.steps`` steps by default).
 
         ``support_labels`` may be any hashable labels (strings, ints); there must be exactly
@@ -70,8 +75,10 @@ class FewShotClassifier:
             raise ValueError(f"got {len(x)} support images but {len(labels)} labels; give one label per image")
         classes = list(dict.fromkeys(labels))
         if len(classes) != self.n_way:
-            raise ValueError(f"this run was meta-trained for {self.n_way}-way tasks; the support set has "
-                             f"{len(classes)} distinct labels {classes}: give exactly {self.n_way} classes")
+            raise ValueError(
+                f"this run was meta-trained for {self.n_way}-way tasks; the support set has "
+                f"{len(classes)} distinct labels {classes}: give exactly {self.n_way} classes"
+            )
         index = {c: i for i, c in enumerate(classes)}
         y = torch.tensor([index[c] for c in labels])
         steps = self.cfg.eval.steps if steps is None else steps
@@ -87,7 +94,9 @@ class FewShotClassifier:
 class AdaptedClassifier:
     """The result of :meth:`FewShotClassifier.adapt`: predicts the support set's labels."""
 
-    def __init__(self, base: FewShotClassifier, params: Params, support_x: torch.Tensor, classes: list[Hashable]) -> None:
+    def __init__(
+        self, base: FewShotClassifier, params: Params, support_x: torch.Tensor, classes: list[Hashable]
+    ) -> None:
         self.base = base
         self.params = params
         self.support_x = support_x
@@ -97,7 +106,7 @@ class AdaptedClassifier:
         """Class probabilities ``[N, n_way]``; column ``j`` is ``classes_[j]``."""
         q = preprocess_images(query_images, image_size=self.base.image_size)
         with torch.no_grad():
-            logits = call(self.base.model, self.params, torch.cat([self.support_x, q]))[len(self.support_x):]
+            logits = call(self.base.model, self.params, torch.cat([self.support_x, q]))[len(self.support_x) :]
         return torch.softmax(logits, -1).numpy()
 
     def predict(self, query_images: Any) -> np.ndarray:

@@ -29,9 +29,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from metarl.rl.sampling.vector import resolve_horizon
 from metarl.runs.experiment import TEST, mean_and_ci95
 from metarl.runs.rl import RLExperiment
-from metarl.rl.sampling.vector import resolve_horizon
 
 
 class _MultiTaskEnv(gym.Wrapper):
@@ -86,15 +86,24 @@ class PPOSetting:
     @classmethod
     def of(cls, exp: RLExperiment) -> PPOSetting:
         cfg = exp.cfg
-        return cls(env_id=cfg.env_id, env_kwargs=cfg.env_kwargs(test=True), horizon=resolve_horizon(cfg.env_id, cfg.horizon),
-                   episodes=cfg.eval.episodes_per_task or cfg.episodes_per_task, hidden=tuple(cfg.policy.hidden),
-                   activation=cfg.policy.activation, init_std=cfg.policy.init_std)
+        return cls(
+            env_id=cfg.env_id,
+            env_kwargs=cfg.env_kwargs(test=True),
+            horizon=resolve_horizon(cfg.env_id, cfg.horizon),
+            episodes=cfg.eval.episodes_per_task or cfg.episodes_per_task,
+            hidden=tuple(cfg.policy.hidden),
+            activation=cfg.policy.activation,
+            init_std=cfg.policy.init_std,
+        )
 
 
 def _policy_kwargs(s: PPOSetting) -> dict[str, Any]:
     act = torch.nn.Tanh if s.activation == "tanh" else torch.nn.ReLU
-    return {"net_arch": {"pi": list(s.hidden), "vf": list(s.hidden)}, "activation_fn": act,
-            "log_std_init": float(np.log(s.init_std))}
+    return {
+        "net_arch": {"pi": list(s.hidden), "vf": list(s.hidden)},
+        "activation_fn": act,
+        "log_std_init": float(np.log(s.init_std)),
+    }
 
 
 def _make_env(s: PPOSetting, task: dict[str, Any] | None):
@@ -110,8 +119,16 @@ def _ppo(s: PPOSetting, env: gym.Env, *, n_steps: int, seed: int):
     """SB3 PPO with the policy's MLP for actor and critic, on CPU, mini-batches dividing the rollout."""
     from stable_baselines3 import PPO
 
-    return PPO("MlpPolicy", env, policy_kwargs=_policy_kwargs(s), n_steps=n_steps, batch_size=_batch_size(n_steps),
-               seed=seed, device="cpu", verbose=0)
+    return PPO(
+        "MlpPolicy",
+        env,
+        policy_kwargs=_policy_kwargs(s),
+        n_steps=n_steps,
+        batch_size=_batch_size(n_steps),
+        seed=seed,
+        device="cpu",
+        verbose=0,
+    )
 
 
 def with_policy_params(exp: RLExperiment, params: dict[str, torch.Tensor], fn):
@@ -132,9 +149,13 @@ def meta_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int) -> n
 
 def random_init_curve(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int) -> np.ndarray:
     torch.manual_seed(10_000 + seed)
-    fresh = type(exp.policy)(exp.policy.obs_dim, exp.policy.out.out_features, hidden=exp.cfg.policy.hidden,
-                             activation=exp.cfg.policy.activation,
-                             **({"init_std": exp.cfg.policy.init_std} if not exp.policy.discrete else {}))
+    fresh = type(exp.policy)(
+        exp.policy.obs_dim,
+        exp.policy.out.out_features,
+        hidden=exp.cfg.policy.hidden,
+        activation=exp.cfg.policy.activation,
+        **({"init_std": exp.cfg.policy.init_std} if not exp.policy.discrete else {}),
+    )
     params = {k: v.detach().to(exp.device) for k, v in fresh.named_parameters()}
     return with_policy_params(exp, params, lambda: exp.curve(TEST, seed, num_tasks, steps=steps))
 
@@ -150,8 +171,9 @@ def pretrain_job(s: PPOSetting, total_steps: int, seed: int) -> tuple[dict[str, 
     return {k: v.detach() for k, v in policy.named_parameters()}, time.perf_counter() - t0
 
 
-def pretrained_curve(exp: RLExperiment, params: dict[str, torch.Tensor], *, num_tasks: int, steps: int,
-                     seed: int) -> np.ndarray:
+def pretrained_curve(
+    exp: RLExperiment, params: dict[str, torch.Tensor], *, num_tasks: int, steps: int, seed: int
+) -> np.ndarray:
     own = dict(exp.policy.named_parameters())
     fitted = {k: params[k].to(own[k].dtype).to(exp.device) if k in params else own[k].detach() for k in own}
     if "log_std" in fitted and "log_std" in params:
@@ -212,8 +234,18 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def evaluate_with_baselines(exp: RLExperiment, *, num_tasks: int, steps: int, seed: int, pretrain_steps: int,
-                            oracle_steps: int, oracle_tasks: int, jobs: int = 1, log=print) -> dict[str, Any]:
+def evaluate_with_baselines(
+    exp: RLExperiment,
+    *,
+    num_tasks: int,
+    steps: int,
+    seed: int,
+    pretrain_steps: int,
+    oracle_steps: int,
+    oracle_tasks: int,
+    jobs: int = 1,
+    log=print,
+) -> dict[str, Any]:
     """Every method's return after 0..steps adaptation steps on the same held-out tasks, mean and 95% CI.
 
     The PPO runs (the multi-task policy, PPO from scratch on each task, each oracle) are
@@ -238,8 +270,10 @@ def evaluate_with_baselines(exp: RLExperiment, *, num_tasks: int, steps: int, se
     try:
         # longest first, so the workers finish together
         pretrain = submit(pretrain_job, s, pretrain_steps, seed)
-        oracle = [submit(oracle_job, s, task, oracle_steps, task_seed(i))
-                  for i, task in enumerate(exp.sample_tasks(TEST, seed, oracle_tasks))]
+        oracle = [
+            submit(oracle_job, s, task, oracle_steps, task_seed(i))
+            for i, task in enumerate(exp.sample_tasks(TEST, seed, oracle_tasks))
+        ]
         scratch = [submit(ppo_scratch_job, s, task, steps, task_seed(i)) for i, task in enumerate(tasks)]
 
         def summary(values: np.ndarray, seconds: float) -> dict[str, Any]:
@@ -247,28 +281,39 @@ def evaluate_with_baselines(exp: RLExperiment, *, num_tasks: int, steps: int, se
 
         methods: dict[str, Any] = {}
         t0 = time.perf_counter()
-        methods["meta"] = summary(meta_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed), time.perf_counter() - t0)
+        methods["meta"] = summary(
+            meta_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed), time.perf_counter() - t0
+        )
         log("meta done")
         t0 = time.perf_counter()
-        methods["random_init"] = summary(random_init_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed),
-                                         time.perf_counter() - t0)
+        methods["random_init"] = summary(
+            random_init_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed), time.perf_counter() - t0
+        )
         log("random_init done")
         params, pretrain_s = pretrain.result()
         t0 = time.perf_counter()
-        methods["pretrained"] = summary(pretrained_curve(exp, params, num_tasks=num_tasks, steps=steps, seed=seed),
-                                        pretrain_s + time.perf_counter() - t0)
+        methods["pretrained"] = summary(
+            pretrained_curve(exp, params, num_tasks=num_tasks, steps=steps, seed=seed),
+            pretrain_s + time.perf_counter() - t0,
+        )
         methods["pretrained"]["pretrain_env_steps"] = pretrain_steps
         log(f"pretrained done ({pretrain_steps} PPO steps)")
         rows = [job.result() for job in scratch]
         methods["ppo_scratch"] = summary([r for r, _ in rows], sum(t for _, t in rows))
         log("ppo_scratch done")
         scores = [job.result() for job in oracle]
-        methods["oracle"] = summary(np.repeat(np.asarray([v for v, _ in scores])[:, None], steps + 1, axis=1),
-                                    sum(t for _, t in scores))
+        methods["oracle"] = summary(
+            np.repeat(np.asarray([v for v, _ in scores])[:, None], steps + 1, axis=1), sum(t for _, t in scores)
+        )
         methods["oracle"]["train_env_steps_per_task"] = oracle_steps
         log("oracle done")
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return {"metric": "return", "steps": list(range(steps + 1)), "num_tasks": num_tasks, "jobs": jobs,
-            "methods": methods}
+    return {
+        "metric": "return",
+        "steps": list(range(steps + 1)),
+        "num_tasks": num_tasks,
+        "jobs": jobs,
+        "methods": methods,
+    }

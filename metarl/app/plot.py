@@ -121,16 +121,19 @@ def plot_runs(
     if keys is None:
         keys = default_keys(rows_by_run)
         if not keys:
-            raise ValueError(f"none of the default keys {list(RL_KEYS) + list(FEWSHOT_KEYS) + ['val/*_post_adapt']} is "
-                             f"logged in {[str(d) for d in dirs]}; pass keys= from the available keys {available}")
+            raise ValueError(
+                f"none of the default keys {list(RL_KEYS) + list(FEWSHOT_KEYS) + ['val/*_post_adapt']} is "
+                f"logged in {[str(d) for d in dirs]}; pass keys= from the available keys {available}"
+            )
     else:
         keys = list(keys)
         if not keys:
             raise ValueError(f"keys is empty: pass None for the defaults or some of the available keys {available}")
         missing = [k for k in keys if k not in available]
         if missing:
-            raise ValueError(f"key(s) {missing} are logged by none of the runs {[str(d) for d in dirs]}; "
-                             f"available keys: {available}")
+            raise ValueError(
+                f"key(s) {missing} are logged by none of the runs {[str(d) for d in dirs]}; available keys: {available}"
+            )
 
     labels = _labels(dirs)
     fig, axes = _grid(len(keys))
@@ -169,17 +172,23 @@ def plot_adaptation(result: Mapping[str, Any], out: str | os.PathLike, *, title:
             ``ci95`` length differs from ``steps``.
     """
     if "steps" not in result:
-        raise ValueError(f"result has no 'steps' (keys: {sorted(result)}); expected "
-                         "{'metric', 'steps', 'methods': {name: {'mean', 'ci95'}}} or {'metric', 'steps', 'mean', 'ci95'}")
+        raise ValueError(
+            f"result has no 'steps' (keys: {sorted(result)}); expected "
+            "{'metric', 'steps', 'methods': {name: {'mean', 'ci95'}}} or {'metric', 'steps', 'mean', 'ci95'}"
+        )
     if "methods" in result:
         methods = result["methods"]
         if not isinstance(methods, Mapping) or not methods:
-            raise ValueError(f"result['methods'] must be a non-empty mapping name -> {{'mean', 'ci95'}}, got {methods!r}")
+            raise ValueError(
+                f"result['methods'] must be a non-empty mapping name -> {{'mean', 'ci95'}}, got {methods!r}"
+            )
     elif "mean" in result:
         methods = {str(result.get("method", "mean")): result}
     else:
-        raise ValueError(f"result has neither 'methods' nor 'mean' (keys: {sorted(result)}); expected "
-                         "{'metric', 'steps', 'methods': {name: {'mean', 'ci95'}}} or {'metric', 'steps', 'mean', 'ci95'}")
+        raise ValueError(
+            f"result has neither 'methods' nor 'mean' (keys: {sorted(result)}); expected "
+            "{'metric', 'steps', 'methods': {name: {'mean', 'ci95'}}} or {'metric', 'steps', 'mean', 'ci95'}"
+        )
     steps = np.asarray(result["steps"], dtype=np.float64)
     metric = str(result.get("metric", "value"))
 
@@ -231,8 +240,13 @@ def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def _numeric_keys(rows_by_run: Sequence[Sequence[Mapping[str, Any]]]) -> set[str]:
     """Keys with a number in some row of some run, ``iteration`` excluded."""
-    return {k for rows in rows_by_run for row in rows for k, v in row.items()
-            if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k
+        for rows in rows_by_run
+        for row in rows
+        for k, v in row.items()
+        if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def _labels(dirs: Sequence[Path]) -> list[str]:

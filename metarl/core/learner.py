@@ -49,8 +49,9 @@ class Learner:
         """One meta-update of the model from a meta-batch; returns scalar metrics."""
         raise NotImplementedError
 
-    def adapt(self, params: Params, support: Any, *, lrs: Sequence[float] | None = None,
-              first_order: bool | None = None) -> Params:
+    def adapt(
+        self, params: Params, support: Any, *, lrs: Sequence[float] | None = None, first_order: bool | None = None
+    ) -> Params:
         """Per-task adapted parameters ``{name: [T, ...]}`` after ``len(lrs)`` inner steps from ``params``.
 
         ``lrs`` defaults to the learner's inner learning rates and ``first_order`` to the learner's
@@ -92,6 +93,8 @@ def build_learner(family: str, cfg: Any, model: nn.Module, objective: Any) -> Le
     try:
         builder = _REGISTRY[(family, cfg.algorithm)]
     except KeyError:
-        raise ValueError(f"algorithm {cfg.algorithm!r} is not registered for the {family} family; "
-                         f"registered: {', '.join(algorithms(family))}") from None
+        raise ValueError(
+            f"algorithm {cfg.algorithm!r} is not registered for the {family} family; "
+            f"registered: {', '.join(algorithms(family))}"
+        ) from None
     return builder(cfg, model, objective)

@@ -72,8 +72,9 @@ class TaskwiseObjective:
 
         return adapt(support, params, lrs=lrs, first_order=first_order)
 
-    def adapt_scored(self, params: Params, task: Any, *, lrs: Sequence[float],
-                     first_order: bool) -> tuple[Params, torch.Tensor, dict[str, torch.Tensor]]:
+    def adapt_scored(
+        self, params: Params, task: Any, *, lrs: Sequence[float], first_order: bool
+    ) -> tuple[Params, torch.Tensor, dict[str, torch.Tensor]]:
         """One task: adapted parameters, the post-adaptation query loss (differentiable in
         ``params`` unless under no_grad) and detached query metrics before/after adaptation."""
         with torch.no_grad():
@@ -86,11 +87,16 @@ class TaskwiseObjective:
 
     def adapt(self, params: Params, tasks: Any, *, lrs: Sequence[float], first_order: bool) -> Params:
         """Adapted parameters of every task, stacked: ``{name: [T, ...]}``."""
-        return map_tasks(lambda p, task: self.adapt_one(p, task, lrs=lrs, first_order=first_order), params, tasks,
-                         batched=self.batched)
+        return map_tasks(
+            lambda p, task: self.adapt_one(p, task, lrs=lrs, first_order=first_order),
+            params,
+            tasks,
+            batched=self.batched,
+        )
 
-    def meta_loss(self, params: Params, tasks: Any, *, lrs: Sequence[float],
-                  first_order: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def meta_loss(
+        self, params: Params, tasks: Any, *, lrs: Sequence[float], first_order: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean post-adaptation query loss over the meta-batch, differentiable in ``params``;
         and per-task metrics (``[T]`` tensors, detached)."""
 
@@ -101,8 +107,9 @@ class TaskwiseObjective:
         losses, metrics = map_tasks(one, params, tasks, batched=self.batched)
         return losses.mean(), metrics
 
-    def adapt_with_metrics(self, params: Params, tasks: Any, *,
-                           lrs: Sequence[float]) -> tuple[Params, dict[str, torch.Tensor]]:
+    def adapt_with_metrics(
+        self, params: Params, tasks: Any, *, lrs: Sequence[float]
+    ) -> tuple[Params, dict[str, torch.Tensor]]:
         """First-order adapted parameters ``[T, ...]`` and per-task query metrics before/after."""
 
         def one(p: Params, task: Any) -> tuple[Params, dict[str, torch.Tensor]]:

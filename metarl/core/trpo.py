@@ -151,8 +151,7 @@ def make_hvp(
         raise ValueError(f"damping must be finite and >= 0, got {damping}")
     for name, p in params.items():
         if not p.requires_grad:
-            raise ValueError(f"parameter {name!r} does not require grad; make_hvp needs leaves "
-                             f"with requires_grad=True")
+            raise ValueError(f"parameter {name!r} does not require grad; make_hvp needs leaves with requires_grad=True")
     tensors = list(params.values())
     size = sum(p.numel() for p in tensors)
     with torch.enable_grad():
@@ -169,8 +168,7 @@ def make_hvp(
         if flat_grad.requires_grad:
             with torch.enable_grad():
                 grad_dot_v = torch.dot(flat_grad, v.to(flat_grad.dtype))
-                hv = torch.autograd.grad(grad_dot_v, tensors, retain_graph=True,
-                                         materialize_grads=True)
+                hv = torch.autograd.grad(grad_dot_v, tensors, retain_graph=True, materialize_grads=True)
             product = flatten(dict(zip(params, hv))).detach()
         else:  # scalar_fn is linear in params: H = 0
             product = torch.zeros_like(v)
@@ -195,8 +193,10 @@ def trpo_step_size(direction: Tensor, fvp_direction: Tensor, max_kl: float) -> T
     if not (max_kl > 0 and math.isfinite(max_kl)):
         raise ValueError(f"max_kl must be finite and > 0, got {max_kl}")
     if direction.shape != fvp_direction.shape:
-        raise ValueError(f"direction has shape {tuple(direction.shape)} but fvp_direction has "
-                         f"{tuple(fvp_direction.shape)}; they must match")
+        raise ValueError(
+            f"direction has shape {tuple(direction.shape)} but fvp_direction has "
+            f"{tuple(fvp_direction.shape)}; they must match"
+        )
     with torch.no_grad():
         curvature = torch.sum(direction.detach() * fvp_direction.detach())
         if not (math.isfinite(curvature.item()) and curvature.item() > 0):
@@ -259,5 +259,4 @@ def line_search(
         finite = math.isfinite(new_loss) and math.isfinite(kl)
         if finite and new_loss < loss_before and kl <= max_kl:
             return LineSearchResult(True, step, fraction, k + 1, new_loss, kl)
-    return LineSearchResult(False, torch.zeros_like(full_step), 0.0, max_steps,
-                            float(loss_before), 0.0)
+    return LineSearchResult(False, torch.zeros_like(full_step), 0.0, max_steps, float(loss_before), 0.0)

@@ -77,9 +77,7 @@ def _array_to_pil(arr: np.ndarray, where: str) -> Image.Image:
             raise ValueError(f"{where}: float image holds NaN or inf")
         lo, hi = float(arr.min()), float(arr.max())
         if lo < -1e-6 or hi > 1 + 1e-6:
-            raise ValueError(
-                f"{where}: float images must lie in [0, 1] (1 = white), got values in [{lo:g}, {hi:g}]"
-            )
+            raise ValueError(f"{where}: float images must lie in [0, 1] (1 = white), got values in [{lo:g}, {hi:g}]")
         u8 = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
     elif np.issubdtype(arr.dtype, np.integer):
         lo, hi = int(arr.min()), int(arr.max())
@@ -151,8 +149,7 @@ def _ink_u8(images: Any, image_size: int) -> np.ndarray:
                 )
     else:
         raise ValueError(
-            f"images: expected one image or a sequence of images, each {_VALID_ITEMS}; "
-            f"got {type(images).__name__}"
+            f"images: expected one image or a sequence of images, each {_VALID_ITEMS}; got {type(images).__name__}"
         )
     out = np.empty((len(items), image_size, image_size), dtype=np.uint8)
     for i, item in enumerate(items):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl.fewshot.batch import FewShotBatch
 from metarl.core.functional import Params, call
+from metarl.fewshot.batch import FewShotBatch
 
 
 class FewShotObjective:
@@ -23,8 +23,14 @@ class FewShotObjective:
     regression tasks are one "class". A batch size at least the support size means all of it.
     """
 
-    def __init__(self, model: nn.Module, *, kind: Literal["classification", "regression"],
-                 inner_batch_size: int | None = None, n_way: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        kind: Literal["classification", "regression"],
+        inner_batch_size: int | None = None,
+        n_way: int = 1,
+    ) -> None:
         if kind not in ("classification", "regression"):
             raise ValueError(f"kind must be 'classification' or 'regression', got {kind!r}")
         if inner_batch_size is not None and inner_batch_size < 1:

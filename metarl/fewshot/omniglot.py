@@ -45,8 +45,7 @@ EXPECTED_SOURCES: tuple[str, ...] = (
 )
 
 OFFICIAL_LOCATION = (
-    "the official zips are published in the Omniglot repository, "
-    "github.com/brendenlake/omniglot (folder python/)"
+    "the official zips are published in the Omniglot repository, github.com/brendenlake/omniglot (folder python/)"
 )
 
 
@@ -118,7 +117,7 @@ def _signature(sources: list[_Source]) -> tuple:
     return tuple(sig)
 
 
-_CACHE: dict[tuple[str, int], tuple[tuple, "Omniglot"]] = {}
+_CACHE: dict[tuple[str, int], tuple[tuple, Omniglot]] = {}
 
 
 class OmniglotSplits(NamedTuple):
@@ -235,9 +234,7 @@ class Omniglot:
                         for fname in filenames:
                             split = _split_member((*rel, fname))
                             if split is not None:
-                                local.setdefault(split[:2], []).append(
-                                    (split[2], os.path.join(dirpath, fname))
-                                )
+                                local.setdefault(split[:2], []).append((split[2], os.path.join(dirpath, fname)))
                 if not local:
                     raise ValueError(
                         f"{src.path} holds no <alphabet>/<character>/<drawing>.png images "
@@ -268,8 +265,14 @@ class Omniglot:
                             with Image.open(io.BytesIO(raw)) as img:
                                 img.load()
                                 out[ci, di] = ink_from_pil(img, image_size)
-                        except (zipfile.BadZipFile, UnidentifiedImageError, OSError, EOFError,
-                                SyntaxError, ValueError) as exc:
+                        except (
+                            zipfile.BadZipFile,
+                            UnidentifiedImageError,
+                            OSError,
+                            EOFError,
+                            SyntaxError,
+                            ValueError,
+                        ) as exc:
                             raise ValueError(f"corrupt Omniglot zip {src.path}: member {ref}: {exc}") from exc
                     else:
                         out[ci, di] = ink_from_item(ref, image_size, f"file {ref}")

@@ -14,6 +14,7 @@ import torch
 
 from metarl.fewshot.batch import FewShotBatch
 
+
 def _check_count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")

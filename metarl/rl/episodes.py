@@ -1,4 +1,4 @@
-"""Episodes of many tasks at once (time-major tensors + mask); returns and advantages are in :mod:`metarl.rl.advantages`.
+"""Episodes of many tasks at once: time-major tensors and a mask (returns and advantages: :mod:`metarl.rl.advantages`).
 
 Shapes: ``N`` tasks, ``H`` the horizon (longest episode possible), ``E`` episodes per task.
 Every per-step tensor is ``[N, H, E]`` (time-major within a task). An episode occupies a
@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-
 
 _PER_STEP = ("observations", "actions", "rewards", "log_probs", "mask")  # [N, H, E, ...]; the others are [N, E, ...]
 
@@ -82,8 +81,12 @@ class Episodes(NamedTuple):
 
     def first(self, k: int) -> Episodes:
         """The first ``k`` episodes of every task (views, not copies)."""
-        return Episodes(*(None if t is None else t[:, :, :k] if name in _PER_STEP else t[:, :k]
-                          for name, t in zip(self._fields, self)))
+        return Episodes(
+            *(
+                None if t is None else t[:, :, :k] if name in _PER_STEP else t[:, :k]
+                for name, t in zip(self._fields, self)
+            )
+        )
 
     @staticmethod
     def cat(episodes: Sequence[Episodes]) -> Episodes:
@@ -95,11 +98,13 @@ class Episodes(NamedTuple):
             if ep.horizon != first.horizon:
                 raise ValueError(
                     f"cannot concatenate Episodes with different horizons: episodes[0] has H={first.horizon}, "
-                    f"episodes[{k}] has H={ep.horizon}")
+                    f"episodes[{k}] has H={ep.horizon}"
+                )
             if ep.episodes_per_task != first.episodes_per_task:
                 raise ValueError(
                     f"cannot concatenate Episodes with different episodes per task: episodes[0] has "
-                    f"E={first.episodes_per_task}, episodes[{k}] has E={ep.episodes_per_task}")
+                    f"E={first.episodes_per_task}, episodes[{k}] has E={ep.episodes_per_task}"
+                )
         if len({ep.success is None for ep in episodes}) > 1:
             raise ValueError("cannot concatenate Episodes with and without success flags")
         return Episodes(*(None if fields[0] is None else torch.cat(fields, dim=0) for fields in zip(*episodes)))
@@ -153,7 +158,8 @@ class Episodes(NamedTuple):
         if len(act) not in (3, 4) or act[:3] != (n, h, e):
             raise ValueError(
                 f"actions has shape {act}, expected ({n}, {h}, {e}) (discrete) or ({n}, {h}, {e}, act_dim) "
-                f"(continuous) {where}")
+                f"(continuous) {where}"
+            )
         if self.terminated.dtype != torch.bool:
             raise ValueError(f"terminated must be a bool tensor, got dtype {self.terminated.dtype}")
         if self.lengths.dtype.is_floating_point or self.lengths.dtype == torch.bool:
@@ -168,5 +174,6 @@ class Episodes(NamedTuple):
             k = bad.nonzero()[0].tolist()
             raise ValueError(
                 f"lengths disagree with mask.sum(1) at [task, episode] = {k}: "
-                f"lengths={int(self.lengths[k[0], k[1]])}, mask sum={int(mask[k[0], :, k[1]].sum())}")
+                f"lengths={int(self.lengths[k[0], k[1]])}, mask sum={int(mask[k[0], :, k[1]].sum())}"
+            )
         return self

@@ -89,8 +89,9 @@ class PolicyGradientObjective:
             raise ValueError(f"{len(steps)} inner steps of data but only {len(lrs)} inner learning rates")
         params = expand_to_tasks(theta, steps[0].episodes.num_tasks) if steps else dict(theta)
         for s, data in enumerate(steps):
-            params = adapt(lambda p, _step, data=data: self.support_loss(p, data), params, lrs=[lrs[s]],
-                           first_order=first_order)
+            params = adapt(
+                lambda p, _step, data=data: self.support_loss(p, data), params, lrs=[lrs[s]], first_order=first_order
+            )
         return params
 
     def surrogate(self, phi: Params, valid: StepData) -> torch.Tensor:
@@ -99,8 +100,9 @@ class PolicyGradientObjective:
         ratio = torch.exp(self.policy(eps.observations, phi).log_prob(eps.actions) - eps.log_probs)
         return -masked_task_mean(ratio * valid.advantages, eps.mask).mean()
 
-    def meta_loss(self, params: Params, batch: RLBatch, *, lrs: Sequence[float],
-                  first_order: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def meta_loss(
+        self, params: Params, batch: RLBatch, *, lrs: Sequence[float], first_order: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The surrogate of the policies adapted from ``params``, and its value as a metric."""
         surrogate = self.surrogate(self.adapt(params, batch.train, lrs=lrs, first_order=first_order), batch.valid)
         return surrogate, {"loss/surrogate_before": surrogate.detach()}

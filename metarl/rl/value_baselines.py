@@ -80,7 +80,8 @@ class LinearFeatureBaseline:
         if tuple(mask.shape) != (n, h, e):
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}, expected [N, H, E] = {(n, h, e)} "
-                f"from observations {tuple(observations.shape)}")
+                f"from observations {tuple(observations.shape)}"
+            )
         dtype = observations.dtype
         steps = torch.arange(h, device=observations.device, dtype=dtype).view(1, h, 1)
         if time_offset is not None:
@@ -95,13 +96,13 @@ class LinearFeatureBaseline:
     def final_features(self, final_observations: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Features ``[N, E, F]`` of ``final_observations [N, E, obs_dim]`` at time index ``lengths [N, E]``."""
         if final_observations.dim() != 3:
-            raise ValueError(
-                f"final_observations must be [N, E, obs_dim], got shape {tuple(final_observations.shape)}")
+            raise ValueError(f"final_observations must be [N, E, obs_dim], got shape {tuple(final_observations.shape)}")
         n, e, _ = final_observations.shape
         if tuple(lengths.shape) != (n, e):
             raise ValueError(
                 f"lengths has shape {tuple(lengths.shape)}, expected [N, E] = {(n, e)} "
-                f"from final_observations {tuple(final_observations.shape)}")
+                f"from final_observations {tuple(final_observations.shape)}"
+            )
         ones = torch.ones(n, 1, e, dtype=final_observations.dtype, device=final_observations.device)
         return self.features(final_observations.unsqueeze(1), ones, time_offset=lengths).squeeze(1)
 
@@ -113,8 +114,9 @@ class LinearFeatureBaseline:
         """
         mask = episodes.mask
         if tuple(returns.shape) != tuple(mask.shape):
-            raise ValueError(f"returns has shape {tuple(returns.shape)}, expected mask.shape [N, H, E] = "
-                             f"{tuple(mask.shape)}")
+            raise ValueError(
+                f"returns has shape {tuple(returns.shape)}, expected mask.shape [N, H, E] = {tuple(mask.shape)}"
+            )
         x = self.features(episodes.observations.double(), mask)  # [N, H, E, F]
         y = torch.where(mask > 0, returns.double(), 0.0)  # [N, H, E]
         xtx = torch.einsum("nhef,nheg->nfg", x, x)  # [N, F, F]
@@ -136,7 +138,8 @@ class LinearFeatureBaseline:
         raise RuntimeError(
             f"linear baseline fit is not finite for tasks {tasks} after {MAX_REG_RETRIES} retries "
             f"(reg_coeff={self.reg_coeff}, last reg={reg[bad].tolist()}); check the observations and "
-            f"returns for inf/nan or use a larger reg_coeff")
+            f"returns for inf/nan or use a larger reg_coeff"
+        )
 
     def values(self, episodes: Episodes, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values [N, H, E], final_values [N, E])`` in the rewards' dtype; values are 0 where masked."""

@@ -34,8 +34,13 @@ def build_model(cfg: FewShotConfig) -> nn.Module:
     if cfg.family == "sinusoid":
         return MLP(1, cfg.sinusoid.hidden, 1)
     o = cfg.omniglot
-    return ConvNet(n_way=o.n_way, filters=o.filters, image_size=o.image_size,
-                   vmap_safe_norm=cfg.batched, channels_last=not cfg.batched)
+    return ConvNet(
+        n_way=o.n_way,
+        filters=o.filters,
+        image_size=o.image_size,
+        vmap_safe_norm=cfg.batched,
+        channels_last=not cfg.batched,
+    )
 
 
 class TaskSource:
@@ -80,8 +85,9 @@ class FewShotExperiment(Experiment):
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         n_way = cfg.omniglot.n_way if cfg.family == "omniglot" else 1
-        self.objective = FewShotObjective(self.model, kind=self.tasks.kind, inner_batch_size=cfg.inner.batch_size,
-                                          n_way=n_way)
+        self.objective = FewShotObjective(
+            self.model, kind=self.tasks.kind, inner_batch_size=cfg.inner.batch_size, n_way=n_way
+        )
         self.learner = build_learner("fewshot", cfg, self.model, self.objective)
         self.evaluator = TaskwiseObjective(self.objective, batched=cfg.batched)  # adaptation curves
         self.metric = "mse" if self.tasks.kind == "regression" else "accuracy"

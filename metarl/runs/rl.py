@@ -60,8 +60,9 @@ class RLExperiment(Experiment):
         probe = self.task_envs[TRAIN]
         torch.manual_seed(cfg.seed)
         p = cfg.policy
-        self.policy = make_policy(probe.observation_space, probe.action_space, hidden=p.hidden,
-                                  activation=p.activation, init_std=p.init_std).to(self.device)
+        self.policy = make_policy(
+            probe.observation_space, probe.action_space, hidden=p.hidden, activation=p.activation, init_std=p.init_std
+        ).to(self.device)
         self.model = self.policy
         self.rollout_policy = copy.deepcopy(self.policy).cpu()  # structure only: parameters travel per call
         self.objective = PolicyGradientObjective(self.policy)
@@ -82,24 +83,35 @@ class RLExperiment(Experiment):
             if cfg.ray.workers > 0:
                 from metarl.rl.sampling.ray_sampler import RaySampler
 
-                self._samplers[key] = RaySampler(cfg.env_id, policy=self.rollout_policy, episodes_per_task=e,
-                                                 num_workers=cfg.ray.workers, horizon=cfg.horizon,
-                                                 env_kwargs=env_kwargs, address=cfg.ray.address,
-                                                 on_event=self._on_event)
+                self._samplers[key] = RaySampler(
+                    cfg.env_id,
+                    policy=self.rollout_policy,
+                    episodes_per_task=e,
+                    num_workers=cfg.ray.workers,
+                    horizon=cfg.horizon,
+                    env_kwargs=env_kwargs,
+                    address=cfg.ray.address,
+                    on_event=self._on_event,
+                )
             else:
-                self._samplers[key] = VectorSampler(cfg.env_id, episodes_per_task=e, horizon=cfg.horizon,
-                                                    env_kwargs=env_kwargs).bind(self.rollout_policy)
+                self._samplers[key] = VectorSampler(
+                    cfg.env_id, episodes_per_task=e, horizon=cfg.horizon, env_kwargs=env_kwargs
+                ).bind(self.rollout_policy)
         return self._samplers[key]
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
-        print(f"metarl: {event['event']}: worker {event['worker']} ({event['error']}); tasks "
-              f"{event['tasks'][0]}..{event['tasks'][1] - 1} re-sampled", file=sys.stderr)
+        print(
+            f"metarl: {event['event']}: worker {event['worker']} ({event['error']}); tasks "
+            f"{event['tasks'][0]}..{event['tasks'][1] - 1} re-sampled",
+            file=sys.stderr,
+        )
 
     def _step_data(self, episodes: Episodes) -> StepData:
         cfg = self.cfg
-        advantages = compute_advantages(episodes, self.baseline, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
-                                        normalize=cfg.normalize_advantages)
+        advantages = compute_advantages(
+            episodes, self.baseline, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, normalize=cfg.normalize_advantages
+        )
         return StepData(episodes, advantages).to(self.device)
 
     def sample_tasks(self, split: int, key: int, n: int) -> list[dict[str, Any]]:
@@ -107,8 +119,15 @@ class RLExperiment(Experiment):
         env.np_random = split_rng(self.cfg.seed, split, key)
         return env.sample_tasks(n)
 
-    def adapt_and_sample(self, tasks: Sequence[dict[str, Any]], seed_keys: tuple[int, ...], steps: int, *,
-                         sampler=None, lrs: list[float] | None = None) -> tuple[RLBatch, dict[str, float]]:
+    def adapt_and_sample(
+        self,
+        tasks: Sequence[dict[str, Any]],
+        seed_keys: tuple[int, ...],
+        steps: int,
+        *,
+        sampler=None,
+        lrs: list[float] | None = None,
+    ) -> tuple[RLBatch, dict[str, float]]:
         """Episodes of ``theta`` and after each of ``steps`` inner steps, as an :class:`RLBatch`
         (``adapted``: the parameters that sampled ``valid``), and the sampling/adaptation times.
 
@@ -194,7 +213,7 @@ class RLExperiment(Experiment):
         rows = []
         tasks = self.sample_tasks(split, key, num_tasks)
         for lo in range(0, num_tasks, cfg.meta_batch_size):
-            chunk = tasks[lo:lo + cfg.meta_batch_size]
+            chunk = tasks[lo : lo + cfg.meta_batch_size]
             batch, _ = self.adapt_and_sample(chunk, (split, key, lo), steps, sampler=sampler, lrs=lrs)
             per_step = [d.episodes.returns_per_episode().mean(1) for d in [*batch.train, batch.valid]]
             rows.append(torch.stack(per_step, dim=1).cpu().numpy())

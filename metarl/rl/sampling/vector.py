@@ -50,8 +50,9 @@ class _NativeBatch:
     """A family's own vector env (all envs in one array op); steps every env each call."""
 
     def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any]) -> None:
-        self.env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
-                                max_episode_steps=horizon, **env_kwargs)
+        self.env = gym.make_vec(
+            env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", max_episode_steps=horizon, **env_kwargs
+        )
         self.num_envs = num_envs
         self.single_observation_space = self.env.single_observation_space
         self.single_action_space = self.env.single_action_space
@@ -336,8 +337,10 @@ def _per_task(params: Mapping[str, torch.Tensor], n: int, per_task: bool) -> dic
     if per_task:
         for name, p in params.items():
             if p.dim() == 0 or p.shape[0] != n:
-                raise ValueError(f"per-task parameter {name!r} must have a leading dimension of {n} (tasks), "
-                                 f"got shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"per-task parameter {name!r} must have a leading dimension of {n} (tasks), "
+                    f"got shape {tuple(p.shape)}"
+                )
         return {name: p.detach() for name, p in params.items()}
     return {name: p.detach().unsqueeze(0).expand(n, *p.shape) for name, p in params.items()}
 
@@ -350,8 +353,14 @@ class BoundSampler:
         self.policy = policy
         self.horizon = sampler.horizon
 
-    def sample(self, params: Mapping[str, torch.Tensor], tasks: Sequence[dict[str, Any]], seeds: Sequence[int], *,
-               per_task: bool = False) -> Episodes:
+    def sample(
+        self,
+        params: Mapping[str, torch.Tensor],
+        tasks: Sequence[dict[str, Any]],
+        seeds: Sequence[int],
+        *,
+        per_task: bool = False,
+    ) -> Episodes:
         return self.sampler.sample(self.policy, params, tasks, seeds, per_task=per_task)
 
     def close(self) -> None:
