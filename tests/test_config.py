@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import pytest
 import yaml
+from pydantic import model_validator
 
 from metarl.core.config import (
     ConfigError,
+    ConfigModel,
     apply_overrides,
     describe,
     dump_config,
@@ -23,33 +24,34 @@ from metarl.core.config import (
 )
 
 
-@dataclass
-class Inner:
+class Inner(ConfigModel):
     steps: int = option(1, doc="Inner-loop gradient steps.", ge=1)
     lr: float | list[float] = option(0.1, doc="Inner learning rate (or one per step).", gt=0)
     first_order: bool = option(False, doc="Use first-order gradients.")
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def check_lr_per_step(self) -> Inner:
         if isinstance(self.lr, list) and len(self.lr) != self.steps:
             raise ValueError(f"lr has {len(self.lr)} entries but steps is {self.steps}")
+        return self
 
 
-@dataclass
-class Outer:
+class Outer(ConfigModel):
     lr: float = option(doc="Meta learning rate.", gt=0)
     optimizer: Literal["adam", "sgd"] = option("adam", doc="Meta optimizer.")
     lr_range: tuple[float, float] = option((1e-5, 1.0), doc="Allowed lr search range.")
     clip: float | None = option(None, doc="Gradient-norm clip (null = off).", gt=0)
     milestones: tuple[int, ...] = option((), doc="Epochs at which the lr decays.")
 
-    def validate(self, prefix: str) -> None:
+    @model_validator(mode="after")
+    def check_lr_range(self) -> Outer:
         low, high = self.lr_range
         if low > high:
-            raise field_error(prefix, "lr_range", f"low must be <= high, got [{low}, {high}]")
+            raise field_error("", "lr_range", f"low must be <= high, got [{low}, {high}]")
+        return self
 
 
-@dataclass
-class Config:
+class Config(ConfigModel):
     seed: int = option(0, doc="Random seed.")
     device: Literal["auto", "cpu", "cuda"] = option("auto", doc="Torch device.")
     algo: str = option("maml", doc="Algorithm name.", choices=["maml", "fomaml", "reptile"])

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
-from metarl.core.config import field_error, option
+from pydantic import model_validator
+
+from metarl.core.config import ConfigModel, field_error, option
 
 
-@dataclass
-class InnerConfig:
+class InnerConfig(ConfigModel):
     steps: int = option(1, ge=0, doc="Inner-loop gradient steps per task during meta-training.")
     lr: float | list[float] = option(0.01, gt=0, doc="Inner learning rate: one value, or one per step (the last repeats).")
     batch_size: int | None = option(
@@ -18,35 +18,33 @@ class InnerConfig:
                         "(Reptile's minibatches; null: the whole support set).")
 
 
-@dataclass
-class OuterConfig:
+class OuterConfig(ConfigModel):
     lr: float = option(1e-3, gt=0, doc="Adam learning rate of the meta-update (maml, fomaml, pretrain).")
     epsilon_start: float = option(1.0, gt=0, le=1, doc="Reptile: outer step size at iteration 0.")
     epsilon_end: float = option(0.0, ge=0, le=1, doc="Reptile: outer step size at the last iteration (linear anneal).")
 
 
-@dataclass
-class DataConfig:
+class DataConfig(ConfigModel):
     k_shot: int = option(10, ge=1, doc="Support examples per class (per task for regression) in meta-training.")
     k_query: int = option(10, ge=1, doc="Query examples per class (per task for regression) in meta-training.")
 
 
-@dataclass
-class SinusoidConfig:
+class SinusoidConfig(ConfigModel):
     amplitude: tuple[float, float] = option((0.1, 5.0), gt=0, doc="Amplitude range [low, high], drawn uniformly.")
     phase: tuple[float, float] = option((0.0, math.pi), doc="Phase range [low, high], drawn uniformly.")
     x_range: tuple[float, float] = option((-5.0, 5.0), doc="Input range [low, high], drawn uniformly.")
     hidden: list[int] = option(default_factory=lambda: [40, 40], ge=1, doc="Hidden widths of the ReLU MLP.")
 
-    def validate(self, prefix: str = "") -> None:
+    @model_validator(mode="after")
+    def check_ranges(self) -> SinusoidConfig:
         for name in ("amplitude", "phase", "x_range"):
             lo, hi = getattr(self, name)
             if lo > hi:
-                raise field_error(prefix, name, f"must be [low, high] with low <= high, got {[lo, hi]}")
+                raise field_error("", name, f"must be [low, high] with low <= high, got {[lo, hi]}")
+        return self
 
 
-@dataclass
-class OmniglotConfig:
+class OmniglotConfig(ConfigModel):
     root: str = option("../shared/data/omniglot", doc="Data directory with the Omniglot zips or extracted folders.")
     n_way: int = option(5, ge=2, doc="Classes per task.")
     image_size: int = option(28, ge=8, doc="Images are resized to image_size x image_size.")
@@ -57,8 +55,7 @@ class OmniglotConfig:
     filters: int = option(64, ge=1, doc="Filters of each of the 4 conv blocks.")
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(ConfigModel):
     steps: int = option(10, ge=0, doc="Inner steps evaluated: the metric is reported after 0..steps steps.")
     lr: float | list[float] | None = option(None, gt=0, doc="Inner learning rate at evaluation (null: inner.lr).")
     k_shot: int | None = option(None, ge=1, doc="Support examples at evaluation (null: data.k_shot).")
@@ -69,8 +66,7 @@ class EvalConfig:
     chunk: int = option(50, ge=1, doc="Tasks evaluated at once (bounds memory).")
 
 
-@dataclass
-class FewShotConfig:
+class FewShotConfig(ConfigModel):
     family: Literal["sinusoid", "omniglot"] = option(doc="Task family.")
     algorithm: Literal["maml", "fomaml", "reptile", "pretrain"] = option(doc="Meta-learner; pretrain is the multi-task baseline.")
     num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
@@ -87,11 +83,13 @@ class FewShotConfig:
     sinusoid: SinusoidConfig = option(default_factory=SinusoidConfig, doc="Sinusoid regression family.")
     omniglot: OmniglotConfig = option(default_factory=OmniglotConfig, doc="Omniglot classification family.")
 
-    def validate(self, prefix: str = "") -> None:
+    @model_validator(mode="after")
+    def check_inner_steps(self) -> FewShotConfig:
         if self.algorithm == "reptile" and self.inner.steps < 1:
-            raise field_error(prefix, "inner.steps", "reptile needs at least 1 inner step")
+            raise field_error("", "inner.steps", "reptile needs at least 1 inner step")
         if self.algorithm in ("maml", "fomaml") and self.inner.steps < 1:
-            raise field_error(prefix, "inner.steps", f"{self.algorithm} needs at least 1 inner step")
+            raise field_error("", "inner.steps", f"{self.algorithm} needs at least 1 inner step")
+        return self
 
     @property
     def eval_lr(self) -> float | list[float]:

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from metarl.core.config import field_error, option
+from pydantic import model_validator
+
+from metarl.core.config import ConfigModel, field_error, option
 
 
-@dataclass
-class PolicyConfig:
+class PolicyConfig(ConfigModel):
     hidden: list[int] = option(default_factory=lambda: [64, 64], ge=1, doc="Hidden layer widths of the policy MLP.")
     activation: Literal["tanh", "relu"] = option("tanh", doc="Hidden activation.")
     init_std: float = option(1.0, gt=0, doc="Initial standard deviation of the Gaussian policy.")
 
 
-@dataclass
-class InnerConfig:
+class InnerConfig(ConfigModel):
     steps: int = option(1, ge=1, doc="Inner policy-gradient steps per task (each on fresh episodes of the adapted policy).")
     lr: float | list[float] = option(0.1, gt=0, doc="Inner learning rate: one value, or one per step (the last repeats).")
 
 
-@dataclass
-class TRPOConfig:
+class TRPOConfig(ConfigModel):
     max_kl: float = option(0.01, gt=0, doc="Trust region: largest mean KL between old and new adapted policies.")
     cg_iterations: int = option(10, ge=1, doc="Conjugate-gradient iterations.")
     cg_damping: float = option(1e-5, ge=0, doc="Damping added to the Fisher-vector products.")
@@ -31,8 +29,7 @@ class TRPOConfig:
     fvp_subsample: float = option(0.2, gt=0, le=1, doc="Fraction of each task's episodes used for Fisher-vector products (1: all).")
 
 
-@dataclass
-class OuterConfig:
+class OuterConfig(ConfigModel):
     optimizer: Literal["trpo", "adam"] = option("trpo", doc="Meta-update of maml_trpo / fomaml (maml_trpo needs trpo).")
     lr: float = option(1e-3, gt=0, doc="Adam learning rate (optimizer: adam).")
     epsilon_start: float = option(1.0, gt=0, le=1, doc="Reptile: outer step size at iteration 0.")
@@ -40,14 +37,12 @@ class OuterConfig:
     trpo: TRPOConfig = option(default_factory=TRPOConfig, doc="TRPO meta-update.")
 
 
-@dataclass
-class RayConfig:
+class RayConfig(ConfigModel):
     workers: int = option(0, ge=0, doc="Ray rollout workers, one CPU each (0: sample in-process, no Ray).")
     address: str | None = option(None, doc="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); null: RAY_ADDRESS, else a new local Ray.")
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(ConfigModel):
     num_tasks: int = option(40, ge=1, doc="Held-out tasks of `metarl evaluate`.")
     steps: int = option(3, ge=0, doc="Adaptation steps evaluated: the return after 0..steps steps.")
     episodes_per_task: int | None = option(None, ge=1, doc="Episodes per adaptation step (null: episodes_per_task).")
@@ -55,8 +50,7 @@ class EvalConfig:
     val_tasks: int = option(20, ge=1, doc="Tasks of each meta-validation.")
 
 
-@dataclass
-class RLConfig:
+class RLConfig(ConfigModel):
     family: str = option(doc="Task family registered as metarl/<family>-v0 (e.g. Navigation2D, HalfCheetahVel).")
     algorithm: Literal["maml_trpo", "fomaml", "reptile"] = option(doc="Meta-learner.")
     num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
@@ -77,15 +71,17 @@ class RLConfig:
     ray: RayConfig = option(default_factory=RayConfig, doc="Ray rollout workers (episode sampling).")
     eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
 
-    def validate(self, prefix: str = "") -> None:
+    @model_validator(mode="after")
+    def check_family_and_combinations(self) -> RLConfig:
         import envs
 
         if self.family not in envs.FAMILIES:
-            raise field_error(prefix, "family", f"must be one of {sorted(envs.FAMILIES)}, got {self.family!r}")
+            raise field_error("", "family", f"must be one of {sorted(envs.FAMILIES)}, got {self.family!r}")
         if self.ray.address is not None and self.ray.workers == 0:
-            raise field_error(prefix, "ray.workers", "must be >= 1 to sample on the Ray cluster given by ray.address")
+            raise field_error("", "ray.workers", "must be >= 1 to sample on the Ray cluster given by ray.address")
         if self.algorithm == "maml_trpo" and self.outer.optimizer != "trpo":
-            raise field_error(prefix, "outer.optimizer", "maml_trpo needs trpo (use algorithm fomaml for adam)")
+            raise field_error("", "outer.optimizer", "maml_trpo needs trpo (use algorithm fomaml for adam)")
+        return self
 
     def env_kwargs(self, *, test: bool = False) -> dict[str, Any]:
         """Constructor arguments of the env; ``test``: Meta-World's held-out split (other families
