@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from metarl.app.cli import main
-from metarl.core.config import load_config, to_dict
+from metarl.core.config import to_dict
+from metarl.core.config_files import load_config
 from metarl.runs.fewshot_config import FewShotConfig
 from metarl.runs.rundir import load_checkpoint, read_metrics, save_checkpoint
 
@@ -536,7 +537,7 @@ def test_every_experiment_config_loads_and_is_named_after_its_algorithm(path):
 
 
 def test_readme_config_reference_matches_the_code():
-    from metarl.core.config import describe
+    from metarl.core.config_files import describe
     from metarl.runs.rl_config import RLConfig
 
     readme = (REPO_ROOT / "README.md").read_text()

@@ -9,19 +9,8 @@ import pytest
 import yaml
 from pydantic import model_validator
 
-from metarl.core.config import (
-    ConfigError,
-    ConfigModel,
-    apply_overrides,
-    describe,
-    dump_config,
-    field_error,
-    from_dict,
-    join_key,
-    load_config,
-    option,
-    to_dict,
-)
+from metarl.core.config import ConfigError, ConfigModel, field_error, from_dict, join_key, option, to_dict
+from metarl.core.config_files import apply_overrides, describe, dump_config, load_config
 
 
 class Inner(ConfigModel):
@@ -131,8 +120,7 @@ def test_unknown_nested_key_with_suggestion():
 
 def test_unknown_key_without_suggestion():
     assert err({"zzz": 1}) == (
-        "unknown key 'zzz'; valid top-level keys: seed, device, algo, tags, env_kwargs, "
-        "inner, outer"
+        "unknown key 'zzz'; valid top-level keys: seed, device, algo, tags, env_kwargs, inner, outer"
     )
 
 
@@ -142,9 +130,7 @@ def test_wrong_type():
     assert err({"inner": {"first_order": "yes please"}}) == (
         "inner.first_order: expected a bool (true/false), got 'yes please' (str)"
     )
-    assert err({"inner": {"first_order": 1}}) == (
-        "inner.first_order: expected a bool (true/false), got 1 (int)"
-    )
+    assert err({"inner": {"first_order": 1}}) == ("inner.first_order: expected a bool (true/false), got 1 (int)")
     assert err({"tags": "x"}) == "tags: expected a list of strings, got 'x' (str)"
     assert err({"tags": ["a", 3]}) == "tags[1]: expected a string, got 3 (int)"
     assert err({"env_kwargs": [1]}) == "env_kwargs: expected a mapping, got [1] (list)"
@@ -157,9 +143,7 @@ def test_bool_and_float_rejected_for_int_bool_rejected_for_float():
 
 
 def test_union_errors():
-    assert err({"inner": {"lr": "fast"}}) == (
-        "inner.lr: expected a float or a list of floats, got 'fast' (str)"
-    )
+    assert err({"inner": {"lr": "fast"}}) == ("inner.lr: expected a float or a list of floats, got 'fast' (str)")
     # The list member matched in shape, so its element error is reported.
     assert err({"inner": {"lr": [0.1, "x"]}}) == "inner.lr[1]: expected a float, got 'x' (str)"
     assert err({"outer": {"clip": "big"}}) == "outer.clip: expected a float or null, got 'big' (str)"
@@ -168,9 +152,7 @@ def test_union_errors():
 
 
 def test_fixed_tuple_length():
-    assert err({"outer": {"lr_range": [0.1]}}) == (
-        "outer.lr_range: expected a list of 2 floats, got [0.1] (list)"
-    )
+    assert err({"outer": {"lr_range": [0.1]}}) == ("outer.lr_range: expected a list of 2 floats, got [0.1] (list)")
 
 
 def test_out_of_range_scalar_and_in_list():
@@ -194,8 +176,7 @@ def test_bad_literal_and_choices():
 
 def test_section_not_a_mapping():
     assert err({"outer": 3}) == (
-        "outer: expected a mapping (section with keys lr, optimizer, lr_range, clip, "
-        "milestones), got 3 (int)"
+        "outer: expected a mapping (section with keys lr, optimizer, lr_range, clip, milestones), got 3 (int)"
     )
     with pytest.raises(ConfigError) as info:
         from_dict(Config, [1, 2])
@@ -210,13 +191,9 @@ def test_missing_required_key():
 
 def test_validate_hooks_name_the_key():
     # validate(prefix) with field_error
-    assert err({"outer": {"lr_range": [2, 1]}}) == (
-        "outer.lr_range: low must be <= high, got [2.0, 1.0]"
-    )
+    assert err({"outer": {"lr_range": [2, 1]}}) == ("outer.lr_range: low must be <= high, got [2.0, 1.0]")
     # validate() without argument raising a plain ValueError gets the section prefix
-    assert err({"inner": {"steps": 3, "lr": [0.1, 0.2]}}) == (
-        "inner: lr has 2 entries but steps is 3"
-    )
+    assert err({"inner": {"steps": 3, "lr": [0.1, 0.2]}}) == ("inner: lr has 2 entries but steps is 3")
     assert join_key("", "seed") == "seed" and join_key("a.b", "c") == "a.b.c"
 
 
@@ -269,9 +246,7 @@ def test_malformed_overrides():
     assert msg("outer.lr") == "malformed override 'outer.lr'; expected the form key.sub=value"
     assert msg("=3") == "malformed override '=3'; expected the form key.sub=value"
     assert msg("outer..lr=3") == "malformed override 'outer..lr=3'; expected the form key.sub=value"
-    assert msg("outer.lr=") == (
-        "override 'outer.lr=' has an empty value; expected the form key.sub=value"
-    )
+    assert msg("outer.lr=") == ("override 'outer.lr=' has an empty value; expected the form key.sub=value")
     with pytest.raises(ConfigError) as info:
         apply_overrides({"seed": 0}, ["seed.x=1"])
     assert str(info.value) == "override 'seed.x=1': 'seed' is not a section (it is 0 (int))"
@@ -334,8 +309,7 @@ def test_round_trip(tmp_path):
             "tags": ["a"],
             "env_kwargs": {"goal": [1.0, 2.0]},
             "inner": {"steps": 2, "lr": [0.5, 0.25], "first_order": True},
-            "outer": {"lr": 1e-5, "optimizer": "sgd", "lr_range": [0.001, 0.5], "clip": 1,
-                      "milestones": [3, 4]},
+            "outer": {"lr": 1e-5, "optimizer": "sgd", "lr_range": [0.001, 0.5], "clip": 1, "milestones": [3, 4]},
         },
     )
     plain = to_dict(cfg)
@@ -371,9 +345,21 @@ def test_describe_lists_every_dotted_key():
     lines = describe(Config).splitlines()
     keys = [line.split(":", 1)[0] for line in lines]
     assert keys == [
-        "seed", "device", "algo", "tags", "env_kwargs",
-        "inner", "inner.steps", "inner.lr", "inner.first_order",
-        "outer", "outer.lr", "outer.optimizer", "outer.lr_range", "outer.clip", "outer.milestones",
+        "seed",
+        "device",
+        "algo",
+        "tags",
+        "env_kwargs",
+        "inner",
+        "inner.steps",
+        "inner.lr",
+        "inner.first_order",
+        "outer",
+        "outer.lr",
+        "outer.optimizer",
+        "outer.lr_range",
+        "outer.clip",
+        "outer.milestones",
     ]
     assert "seed: int = 0  # Random seed." in lines
     assert "device: 'auto' | 'cpu' | 'cuda' = \"auto\"  # Torch device." in lines

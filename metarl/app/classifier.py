@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl.core.config import load_config
+from metarl.core.config_files import load_config
 from metarl.core.functional import Params, adapt, call, inner_lrs, params_of
 from metarl.fewshot.images import preprocess_images
 from metarl.fewshot.objective import FewShotObjective

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from metarl.core.atomic import atomic_open
-from metarl.core.config import ConfigError, apply_overrides, dump_config, from_dict, to_dict
+from metarl.core.config import ConfigError, from_dict, to_dict
+from metarl.core.config_files import apply_overrides, dump_config
 from metarl.runs.load import load_experiment_config, load_run_config, make_experiment, restore
 
 EXIT_USAGE = 2

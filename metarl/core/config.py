@@ -15,34 +15,32 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 import operator
-import os
 import re
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticUndefined
 
-from metarl.core.atomic import atomic_open
-
-__all__ = ["MISSING", "ConfigError", "ConfigModel", "apply_overrides", "describe", "dump_config", "field_error",
-           "from_dict", "join_key", "load_config", "option", "to_dict"]
+__all__ = ["MISSING", "ConfigError", "ConfigModel", "field_error", "from_dict", "join_key", "option", "to_dict"]
 
 MISSING: Any = PydanticUndefined
 T = TypeVar("T", bound=BaseModel)
 _NoneType = type(None)
 _FLOAT_STR = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
-_OVERRIDE_FORM = "expected the form key.sub=value"
 _BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
 # plain annotation -> how messages describe (one value, many values)
-_SIMPLE = {bool: ("a bool (true/false)", "bools"), int: ("an int", "ints"), float: ("a float", "floats"),
-           str: ("a string", "strings"), _NoneType: ("null", "nulls"), Any: ("any value", "values")}
+_SIMPLE = {
+    bool: ("a bool (true/false)", "bools"),
+    int: ("an int", "ints"),
+    float: ("a float", "floats"),
+    str: ("a string", "strings"),
+    _NoneType: ("null", "nulls"),
+    Any: ("any value", "values"),
+}
 
 
 class ConfigError(ValueError):
@@ -71,9 +69,17 @@ def field_error(prefix: str, name: str, message: str) -> ConfigError:
     return _KeyedError(join_key(prefix, name), message)
 
 
-def option(default: Any = MISSING, *, doc: str, choices: Sequence[Any] | None = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, lt: float | None = None,
-           default_factory: Callable[[], Any] | None = None) -> Any:
+def option(
+    default: Any = MISSING,
+    *,
+    doc: str,
+    choices: Sequence[Any] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
     """A ``pydantic.Field`` described by ``doc`` (one line); without a default the key is required."""
     if not isinstance(doc, str) or not doc.strip() or "\n" in doc.strip():
         raise TypeError(f"option(doc=...) must be a non-empty single line, got {doc!r}")
@@ -207,7 +213,8 @@ def _desc(tp: Any, many: bool = False) -> str:
     if kind == "section":
         return f"a mapping (section with keys {', '.join(tp.model_fields)})"
     if kind == "dict":
-        return f"a mapping of strings to {_desc(args[1], True)}" if len(args) == 2 and args[1] is not Any else "a mapping"
+        typed = len(args) == 2 and args[1] is not Any
+        return f"a mapping of strings to {_desc(args[1], True)}" if typed else "a mapping"
     return f"a {tp.__name__}" if isinstance(tp, type) else str(tp)
 
 
@@ -270,7 +277,7 @@ def _report(errors: list[Any], n: int, tp: Any, key: str) -> tuple[str, bool]:
             doc = tp.model_fields[first["loc"][n]].description
             return f"missing required key {join_key(key, first['loc'][n])!r}" + (f" ({doc})" if doc else ""), False
     part = first["loc"][n]
-    if first["loc"][n + 1:] == ("[key]",):
+    if first["loc"][n + 1 :] == ("[key]",):
         return f"{key}: keys must be strings, got {_got(first['input'])}", True
     if kind in ("section", "dict"):
         child = tp.model_fields[part].annotation if kind == "section" else args[1] if len(args) == 2 else Any
@@ -307,81 +314,6 @@ def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``data`` with ``key.sub=value`` overrides (values parsed as YAML) applied in order."""
-    result = _plain(data)
-    for item in [overrides] if isinstance(overrides, str) else overrides:
-        raw_key, _, raw_value = item.partition("=") if isinstance(item, str) else ("", "", "")
-        parts = [p.strip() for p in raw_key.strip().split(".")]
-        if not isinstance(item, str) or "=" not in item or not all(parts):
-            raise ConfigError(f"malformed override {item!r}; {_OVERRIDE_FORM}")
-        if not raw_value.strip():
-            raise ConfigError(f"override {item!r} has an empty value; {_OVERRIDE_FORM}")
-        try:
-            value = yaml.safe_load(raw_value)
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"override {item!r}: cannot parse value {raw_value!r} as YAML ({problem})") from None
-        node = result
-        for depth, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            elif not isinstance(node[part], dict):
-                section = ".".join(parts[: depth + 1])
-                raise ConfigError(f"override {item!r}: {section!r} is not a section (it is {_got(node[part])})")
-            node = node[part]
-        node[parts[-1]] = value
-    return result
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys in a mapping."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
-        seen: list[Any] = []
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.append(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: '{path}'") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a file: '{path}'") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file '{path}': {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc.context or 'syntax error'}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-
-
-def load_config(cls: type[T], path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> T:
-    """Read a YAML config file (empty: all defaults), apply overrides and build ``cls``."""
-    path = Path(path)
-    data = _read_yaml(path)
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {_got(data)}")
-    return from_dict(cls, apply_overrides(data or {}, overrides))
-
-
-def dump_config(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Write config ``obj`` as YAML (keys in declaration order) atomically, creating parents."""
-    text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
-    with atomic_open(path, "w") as fh:
-        fh.write(text)
-
-
 def _type_str(tp: Any) -> str:
     """Render an annotation compactly for :func:`describe`."""
     kind, origin, args = _kind(tp), typing.get_origin(tp), typing.get_args(tp)
@@ -393,37 +325,3 @@ def _type_str(tp: Any) -> str:
         inner = ", ".join("..." if a is Ellipsis else _type_str(a) for a in args)
         return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
     return "section" if kind == "section" else getattr(tp, "__name__", str(tp))
-
-
-def describe(cls: type, prefix: str = "") -> str:
-    """Every dotted key of ``cls``, one per line: ``key: type = default [constraints]  # doc``."""
-    if _kind(cls) != "section":
-        raise TypeError(f"describe() needs a pydantic model type, got {cls!r}")
-    return "\n".join(_describe_lines(cls, prefix, None))
-
-
-def _describe_lines(cls: Any, prefix: str, instance: Any) -> list[str]:
-    """Defaults inside a section come from the section's default instance (``instance``)."""
-    lines = []
-    for name, field in cls.model_fields.items():
-        key, tp, default, shown = join_key(prefix, name), field.annotation, None, " (required)"
-        if instance is not None or not field.is_required():
-            default = getattr(instance, name) if instance is not None else field.get_default(call_default_factory=True)
-            shown = f" = {_fmt_value(default)}"
-        if _kind(tp) == "section":
-            lines.append(f"{key}: section  # {field.description}")
-            lines.extend(_describe_lines(tp, key, default if isinstance(default, tp) else None))
-            continue
-        rules = field.json_schema_extra or {}
-        limits = [f"one of {_choices_text(rules['choices'])}"] if "choices" in rules else []
-        limits += [f"{op} {rules[bound]}" for bound, op, _ in _BOUNDS if bound in rules]
-        shown += f" [{', '.join(limits)}]" if limits else ""
-        lines.append(f"{key}: {_type_str(tp)}{shown}  # {field.description}")
-    return lines
-
-
-def _fmt_value(value: Any) -> str:
-    try:
-        return json.dumps(_plain(value))
-    except (TypeError, ValueError):
-        return repr(value)

@@ -5,17 +5,23 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from metarl.core.config import ConfigModel, field_error, option
+from metarl.runs.algorithm_names import registered_algorithm
 
 
 class InnerConfig(ConfigModel):
     steps: int = option(1, ge=0, doc="Inner-loop gradient steps per task during meta-training.")
-    lr: float | list[float] = option(0.01, gt=0, doc="Inner learning rate: one value, or one per step (the last repeats).")
+    lr: float | list[float] = option(
+        0.01, gt=0, doc="Inner learning rate: one value, or one per step (the last repeats)."
+    )
     batch_size: int | None = option(
-        None, ge=1, doc="Support examples per inner step, taken in turn with every class equally represented "
-                        "(Reptile's minibatches; null: the whole support set).")
+        None,
+        ge=1,
+        doc="Support examples per inner step, taken in turn with every class equally represented "
+        "(Reptile's minibatches; null: the whole support set).",
+    )
 
 
 class OuterConfig(ConfigModel):
@@ -68,10 +74,14 @@ class EvalConfig(ConfigModel):
 
 class FewShotConfig(ConfigModel):
     family: Literal["sinusoid", "omniglot"] = option(doc="Task family.")
-    algorithm: Literal["maml", "fomaml", "reptile", "pretrain"] = option(doc="Meta-learner; pretrain is the multi-task baseline.")
+    algorithm: str = option(
+        doc="Meta-learner: an algorithm registered for the fewshot family in agents/ (maml, fomaml, reptile; pretrain: the multi-task baseline)."
+    )
     num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
     seed: int = option(0, ge=0, doc="Run seed: model init, task sampling of every iteration.")
-    device: Literal["auto", "cpu", "cuda"] = option("auto", doc="Where the learner runs; auto takes cuda when available.")
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto", doc="Where the learner runs; auto takes cuda when available."
+    )
     threads: int = option(0, ge=0, doc="torch CPU threads (0: torch's default).")
     meta_batch_size: int = option(25, ge=1, doc="Tasks per meta-update.")
     batched: bool = option(True, doc="Inner loop of all tasks at once under torch.func.vmap (else a per-task loop).")
@@ -82,6 +92,11 @@ class FewShotConfig(ConfigModel):
     eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
     sinusoid: SinusoidConfig = option(default_factory=SinusoidConfig, doc="Sinusoid regression family.")
     omniglot: OmniglotConfig = option(default_factory=OmniglotConfig, doc="Omniglot classification family.")
+
+    @field_validator("algorithm")
+    @classmethod
+    def check_registered(cls, name: str) -> str:
+        return registered_algorithm("fewshot", name)
 
     @model_validator(mode="after")
     def check_inner_steps(self) -> FewShotConfig:

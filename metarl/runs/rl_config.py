@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from metarl.core.config import ConfigModel, field_error, option
+from metarl.runs.algorithm_names import registered_algorithm
 
 
 class PolicyConfig(ConfigModel):
@@ -16,8 +17,12 @@ class PolicyConfig(ConfigModel):
 
 
 class InnerConfig(ConfigModel):
-    steps: int = option(1, ge=1, doc="Inner policy-gradient steps per task (each on fresh episodes of the adapted policy).")
-    lr: float | list[float] = option(0.1, gt=0, doc="Inner learning rate: one value, or one per step (the last repeats).")
+    steps: int = option(
+        1, ge=1, doc="Inner policy-gradient steps per task (each on fresh episodes of the adapted policy)."
+    )
+    lr: float | list[float] = option(
+        0.1, gt=0, doc="Inner learning rate: one value, or one per step (the last repeats)."
+    )
 
 
 class TRPOConfig(ConfigModel):
@@ -26,7 +31,9 @@ class TRPOConfig(ConfigModel):
     cg_damping: float = option(1e-5, ge=0, doc="Damping added to the Fisher-vector products.")
     line_search_steps: int = option(15, ge=1, doc="Backtracking line-search steps.")
     line_search_ratio: float = option(0.8, gt=0, lt=1, doc="Step shrink factor of the line search.")
-    fvp_subsample: float = option(0.2, gt=0, le=1, doc="Fraction of each task's episodes used for Fisher-vector products (1: all).")
+    fvp_subsample: float = option(
+        0.2, gt=0, le=1, doc="Fraction of each task's episodes used for Fisher-vector products (1: all)."
+    )
 
 
 class OuterConfig(ConfigModel):
@@ -39,7 +46,9 @@ class OuterConfig(ConfigModel):
 
 class RayConfig(ConfigModel):
     workers: int = option(0, ge=0, doc="Ray rollout workers, one CPU each (0: sample in-process, no Ray).")
-    address: str | None = option(None, doc="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); null: RAY_ADDRESS, else a new local Ray.")
+    address: str | None = option(
+        None, doc="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); null: RAY_ADDRESS, else a new local Ray."
+    )
 
 
 class EvalConfig(ConfigModel):
@@ -52,9 +61,13 @@ class EvalConfig(ConfigModel):
 
 class RLConfig(ConfigModel):
     family: str = option(doc="Task family registered as metarl/<family>-v0 (e.g. Navigation2D, HalfCheetahVel).")
-    algorithm: Literal["maml_trpo", "fomaml", "reptile"] = option(doc="Meta-learner.")
+    algorithm: str = option(
+        doc="Meta-learner: an algorithm registered for the rl family in agents/ (maml_trpo, fomaml, reptile)."
+    )
     num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
-    env: dict[str, Any] = option(default_factory=dict, doc="Constructor arguments of the env (e.g. task_name for MetaWorld-ML1).")
+    env: dict[str, Any] = option(
+        default_factory=dict, doc="Constructor arguments of the env (e.g. task_name for MetaWorld-ML1)."
+    )
     seed: int = option(0, ge=0, doc="Run seed: policy init, tasks and episodes of every iteration.")
     device: Literal["auto", "cpu", "cuda"] = option("auto", doc="Where the learner runs (rollouts always on CPU).")
     threads: int = option(0, ge=0, doc="torch CPU threads of the learner (0: torch's default).")
@@ -70,6 +83,11 @@ class RLConfig(ConfigModel):
     outer: OuterConfig = option(default_factory=OuterConfig, doc="Outer loop (meta-update).")
     ray: RayConfig = option(default_factory=RayConfig, doc="Ray rollout workers (episode sampling).")
     eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
+
+    @field_validator("algorithm")
+    @classmethod
+    def check_registered(cls, name: str) -> str:
+        return registered_algorithm("rl", name)
 
     @model_validator(mode="after")
     def check_family_and_combinations(self) -> RLConfig:
