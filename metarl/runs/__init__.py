@@ -1,0 +1,1 @@
+"""Runs: experiment configs, run directories (checkpoints, logs, locks) and the experiment loop."""
