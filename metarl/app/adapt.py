@@ -14,11 +14,18 @@ the linear-baseline advantages, one policy-gradient step with the run's inner le
 repeated ``steps`` times with fresh episodes, then a last batch of episodes measures the return
 of the final policy. A task outside the family's training range is allowed with a warning;
 a malformed task raises :class:`envs.base.InvalidTask` naming the field.
+
+An adapted-policy directory holds ``policy.pt`` (``{"model": {name: tensor}}``, loaded with
+``weights_only=True``) and ``adapted.json`` (task, returns, and the run's path relative
+to the directory, so a run moved with its ``adapted/`` folder still loads). Damaged or foreign
+files raise a one-line :class:`~metarl.runs.rundir.RunError`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,7 @@ import torch
 import envs  # noqa: F401
 from envs.base import InvalidTask, TaskOutOfRange
 from metarl.core.atomic import atomic_open
-from metarl.runs.rundir import CONFIG, RunError
+from metarl.runs.rundir import CONFIG, RunError, check_writable, require_run_dir, writing
 
 ADAPTED_POLICY = "policy.pt"
 ADAPTED_INFO = "adapted.json"
@@ -62,8 +69,7 @@ def record_video(actor: _Acting, env: gym.Env, path: str | Path, *, seed: int = 
         done = terminated or truncated
     images = [Image.fromarray(f) for f in frames]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as f:
+    with writing(path), atomic_open(path, "wb") as f:
         images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return path
 
@@ -185,17 +191,47 @@ class AdaptedPolicy(_Acting):
         return env
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``policy.pt`` (the adapted parameters) and ``adapted.json`` (task, returns, source run)."""
+        """Write ``policy.pt`` (the adapted parameters) and then ``adapted.json`` (task, returns,
+        source run) into ``out_dir``, each atomically; an existing policy there is replaced.
+
+        ``run_dir`` is stored relative to ``out_dir`` (``"../.."`` for ``RUN/adapted/NAME``) and,
+        as a fallback, absolute in ``run_dir_absolute``. A failed write is a one-line RunWriteError.
+        """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_open(out / ADAPTED_POLICY, "wb") as f:
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        with writing(out / ADAPTED_POLICY), atomic_open(out / ADAPTED_POLICY, "wb") as f:
             torch.save({"model": {k: v.clone() for k, v in self.params.items()}}, f)
-        info = {"run_dir": str(self.run_dir.resolve()), "family": self.cfg.family, "env": self.cfg.env,
+        run = self.run_dir.resolve()
+        info = {"run_dir": os.path.relpath(run, out.resolve()), "run_dir_absolute": str(run),
+                "family": self.cfg.family, "env": self.cfg.env,
                 "task": self.task, "episodes": self.episodes, "steps": len(self.returns) - 1,
                 "returns": self.returns}
-        with atomic_open(out / ADAPTED_INFO, "w") as f:
+        with writing(out / ADAPTED_INFO), atomic_open(out / ADAPTED_INFO, "w") as f:
             f.write(json.dumps(info, indent=2) + "\n")
         return out
+
+
+def check_adapted_out(out_dir: str | Path) -> Path:
+    """Raise a one-line RunError unless ``out_dir`` can take a new adapted policy: not a file, not
+    an existing adapted-policy directory, writable. Cheap; the CLI calls it before adapting."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is an existing file; choose a directory path for the adapted policy")
+    if (out / ADAPTED_INFO).exists() or (out / ADAPTED_POLICY).exists():
+        raise RunError(f"--out {out} already holds an adapted policy; choose another directory or delete it first")
+    check_writable(out)
+    return out
+
+
+def default_adapted_dir(run_dir: str | Path) -> Path:
+    """``RUN_DIR/adapted/TIMESTAMP``, with ``-2``, ``-3``... when that exists (two adaptations in a second)."""
+    base = Path(run_dir) / "adapted" / time.strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def load(run_dir: str | Path) -> MetaPolicy:
@@ -204,7 +240,7 @@ def load(run_dir: str | Path) -> MetaPolicy:
     from metarl.runs.rl_config import RLConfig
     from metarl.runs.rl import restore
 
-    run_dir = Path(run_dir)
+    run_dir = require_run_dir(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG})")
     cfg = _load(run_dir / CONFIG, [])
@@ -218,16 +254,88 @@ def load(run_dir: str | Path) -> MetaPolicy:
 
 
 def load_adapted(out_dir: str | Path) -> AdaptedPolicy:
-    """An adapted policy saved by :meth:`AdaptedPolicy.save` (or ``metarl adapt --out``)."""
-    out = Path(out_dir)
+    """An adapted policy saved by :meth:`AdaptedPolicy.save` (or ``metarl adapt --out``).
+
+    A missing, damaged or foreign ``adapted.json`` or ``policy.pt``, or a run that cannot be found,
+    raises a one-line RunError; ``policy.pt`` is read with ``weights_only=True`` (no code runs).
+    """
+    out = require_run_dir(out_dir, what="an adapted-policy directory (metarl adapt --out DIR)")
     info_path = out / ADAPTED_INFO
     if not info_path.is_file():
         raise RunError(f"{out} holds no {ADAPTED_INFO}: not an adapted-policy directory (metarl adapt --out DIR)")
-    info = json.loads(info_path.read_text())
-    meta = load(info["run_dir"])
-    state = torch.load(out / ADAPTED_POLICY, map_location="cpu", weights_only=True)
-    params = {k: v for k, v in state["model"].items()}
-    if set(params) != set(meta.params) or any(params[k].shape != meta.params[k].shape for k in params):
-        raise RunError(f"{out / ADAPTED_POLICY} does not fit the policy of {info['run_dir']}")
+    info = _read_adapted_info(info_path)
+    params = _read_adapted_params(out / ADAPTED_POLICY)
+    run_dir = _find_run(out, info)
+    meta = load(run_dir)
+    if info.get("family", meta.cfg.family) != meta.cfg.family:
+        raise RunError(f"{info_path} is a {info['family']} policy but its run {run_dir} is {meta.cfg.family}")
+    mismatch = sorted(set(params) ^ set(meta.params)) or \
+        [k for k in params if params[k].shape != meta.params[k].shape or params[k].dtype != meta.params[k].dtype]
+    if mismatch:
+        raise RunError(f"{out / ADAPTED_POLICY} does not fit the policy of {run_dir} (parameters {', '.join(mismatch)} "
+                       "differ in name, shape or dtype); was it saved from another run?")
     return AdaptedPolicy(meta.policy, params, task=info["task"], returns=info["returns"], episodes=info["episodes"],
-                         run_dir=Path(info["run_dir"]), cfg=meta.cfg, action_space=meta.action_space)
+                         run_dir=run_dir, cfg=meta.cfg, action_space=meta.action_space)
+
+
+def _read_adapted_info(path: Path) -> dict[str, Any]:
+    """``adapted.json`` checked: a JSON object with run_dir (str), task (object), returns (numbers),
+    episodes (int >= 1), optional run_dir_absolute (str)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise RunError(f"{path} is not valid JSON{where}: it is damaged; re-run metarl adapt") from None
+    if not isinstance(info, dict):
+        raise RunError(f"{path} is not a metarl adapted.json (expected a JSON object, got {type(info).__name__})")
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    checks = {
+        "run_dir": (lambda v: isinstance(v, str) and v != "", "a path string"),
+        "task": (lambda v: isinstance(v, dict), "a JSON object"),
+        "returns": (lambda v: isinstance(v, list) and len(v) >= 1 and all(number(x) for x in v), "a list of numbers"),
+        "episodes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    }
+    for key, (ok, want) in checks.items():
+        if key not in info:
+            raise RunError(f"{path} is not a metarl adapted.json: key {key!r} is missing")
+        if not ok(info[key]):
+            raise RunError(f"{path}: {key!r} must be {want}, got {json.dumps(info[key])[:80]}")
+    if not isinstance(info.get("run_dir_absolute", ""), str):
+        raise RunError(f"{path}: 'run_dir_absolute' must be a path string")
+    return info
+
+
+def _read_adapted_params(path: Path) -> dict[str, torch.Tensor]:
+    """``policy.pt`` with ``weights_only=True``: ``{"model": {name: tensor}}``, else a one-line RunError."""
+    if not path.is_file():
+        raise RunError(f"{path} is missing: the adapted-policy directory is incomplete; re-run metarl adapt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # damaged, truncated, or a pickle that wants to run code: torch's text spans lines
+        raise RunError(f"{path} cannot be read ({type(exc).__name__}): it is damaged or not a metarl adapted policy "
+                       "(nothing in it was run); re-run metarl adapt") from None
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict) or not model or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise RunError(f"{path} is not a metarl adapted policy (expected {{'model': {{name: tensor}}}})")
+    return dict(model)
+
+
+def _find_run(out: Path, info: dict[str, Any]) -> Path:
+    """The run of an adapted policy: ``run_dir`` relative to ``out`` (or absolute, as older files
+    stored it), else ``run_dir_absolute``; the first that is a run directory."""
+    stored = Path(info["run_dir"])
+    candidates = [stored if stored.is_absolute() else out / stored]
+    if info.get("run_dir_absolute"):
+        candidates.append(Path(info["run_dir_absolute"]))
+    for run in candidates:
+        if (run / CONFIG).is_file():
+            return run.resolve()
+    raise RunError(f"{out / ADAPTED_INFO} names the run {info['run_dir']}, but {candidates[0].resolve()} is not "
+                   "a metarl run directory (moved or deleted?); keep adapted policies inside their run's directory, "
+                   "or edit 'run_dir' in adapted.json")
