@@ -4,7 +4,7 @@
 2. filesystem errors (a file in the path, read-only, full disk) are one line naming the path and cause;
 3. damaged, hostile or malformed adapted-policy directories are one line; a moved run still loads them;
 4. missing paths say "does not exist"; Navigation2D checkpoints every 10 iterations; a Ray worker
-   replacement is reported once.
+   replacement is reported once; ``metarl adapt --keep best``.
 """
 
 from __future__ import annotations
@@ -327,6 +327,8 @@ def damage(adapted: Path, how: str, marker: Path) -> str:
         info_path.write_text(json.dumps(info))
     elif how == "info-wrong-types":
         info_path.write_text(json.dumps({**info, "returns": "high", "episodes": 2.5}))
+    elif how == "info-bad-kept-step":
+        info_path.write_text(json.dumps({**info, "kept_step": 7}))
     elif how == "run-gone":
         info_path.write_text(json.dumps({**info, "run_dir": "../../../nowhere", "run_dir_absolute": "/nonexistent/run"}))
     else:
@@ -336,7 +338,7 @@ def damage(adapted: Path, how: str, marker: Path) -> str:
 
 DAMAGES = ["policy-missing", "policy-truncated", "policy-empty", "policy-hostile", "policy-not-a-dict",
            "policy-wrong-shapes", "info-not-json", "info-binary", "info-not-an-object", "info-missing-run_dir",
-           "info-missing-task", "info-missing-returns", "info-wrong-types", "run-gone"]
+           "info-missing-task", "info-missing-returns", "info-wrong-types", "info-bad-kept-step", "run-gone"]
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -364,7 +366,7 @@ def test_damaged_adapted_policy_is_one_line(adapted_dir, tmp_path, how):
 def test_adapted_json_stores_the_run_relative_to_it(nav_run, adapted_dir):
     info = json.loads((adapted_dir / "adapted.json").read_text())
     assert info["run_dir"] == os.path.join("..", "..")
-    assert info["run_dir_absolute"] == str(nav_run.resolve())
+    assert info["run_dir_absolute"] == str(nav_run.resolve()) and info["kept_step"] == 1
 
 
 def test_a_moved_run_still_loads_its_adapted_policies(nav_run, adapted_dir, tmp_path):
@@ -379,10 +381,10 @@ def test_a_moved_run_still_loads_its_adapted_policies(nav_run, adapted_dir, tmp_
     # an adapted.json written before this change (absolute run_dir, no run_dir_absolute) still loads
     info_path = moved / "adapted" / "a" / "adapted.json"
     info = json.loads(info_path.read_text())
-    del info["run_dir_absolute"]
+    del info["run_dir_absolute"], info["kept_step"]
     info_path.write_text(json.dumps({**info, "run_dir": str(moved.resolve())}))
     old = metarl.load_adapted(moved / "adapted" / "a")
-    assert all(torch.equal(old.params[k], want.params[k]) for k in want.params)
+    assert old.kept_step == len(old.returns) - 1 and all(torch.equal(old.params[k], want.params[k]) for k in want.params)
 
 
 # ------------------------------------------------------------------------------------------
@@ -444,6 +446,47 @@ def test_a_worker_replacement_is_reported_once(monkeypatch, capsys, caplog):
     with caplog.at_level("WARNING"):
         sampler._replace(0, RuntimeError("gone"), (0, 4))
     assert len([r for r in caplog.records if "worker 0" in r.getMessage()]) == 1 and len(sampler.events) == 2
+
+
+def test_keep_best_keeps_the_step_with_the_highest_return(nav_run, monkeypatch):
+    """Known returns (patched): best is step 1 of 0..3, or step 0 (the meta-policy itself)."""
+    import metarl.app.adapt as adapt
+
+    meta = metarl.load(nav_run)
+    task = {"goal": [0.3, -0.2]}
+    reference = {s: meta.adapt(task, episodes=2, steps=s, seed=3).params for s in (1, 3)}
+    for returns, best in (([1.0, 5.0, 2.0, 3.0], 1), ([9.0, 1.0, 2.0, 3.0], 0), ([1.0, 2.0, 5.0, 5.0], 2)):
+        values = iter(returns)
+        monkeypatch.setattr(adapt, "_mean_return", lambda data: next(values))
+        got = meta.adapt(task, episodes=2, steps=3, seed=3, keep="best")
+        monkeypatch.undo()
+        assert got.returns == returns and got.kept_step == best  # the first of equal returns on ties
+        want = meta.params if best == 0 else reference[best] if best in reference else \
+            meta.adapt(task, episodes=2, steps=best, seed=3).params
+        for k in want:
+            assert torch.equal(got.params[k], want[k]), (best, k)
+    last = meta.adapt(task, episodes=2, steps=3, seed=3)
+    assert last.kept_step == 3 and all(torch.equal(last.params[k], reference[3][k]) for k in last.params)
+    with pytest.raises(ValueError, match="keep"):
+        meta.adapt(task, episodes=2, steps=1, keep="first")
+
+
+def test_cli_adapt_keep_best(nav_run, tmp_path):
+    out = tmp_path / "best"
+    _, stdout, _ = ok(cli("adapt", nav_run, "--task", TASK, "--episodes", "2", "--steps", "3", "--keep", "best",
+                          "--out", out))
+    info = json.loads((out / "adapted.json").read_text())
+    returns = info["returns"]
+    best = max(range(len(returns)), key=lambda s: returns[s])
+    assert info["kept_step"] == best and f"kept the policy of step {best} (--keep best" in stdout
+    again = metarl.load(nav_run).adapt({"goal": [0.3, -0.2]}, episodes=2, steps=best, seed=0)
+    loaded = metarl.load_adapted(out)
+    assert loaded.kept_step == best
+    assert all(torch.equal(loaded.params[k], again.params[k]) for k in again.params)
+    _, stdout, _ = ok(cli("adapt", nav_run, "--task", TASK, "--episodes", "2", "--steps", "2", "--out", tmp_path / "l"))
+    assert "kept the policy of step 2 (--keep last" in stdout
+    rc, help_text, _ = cli("adapt", "--help")
+    assert rc == 0 and "--keep {last,best}" in help_text and "highest" in help_text
 
 
 def test_check_writable_accepts_what_can_be_created(tmp_path):

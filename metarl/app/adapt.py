@@ -12,11 +12,12 @@
 Adaptation is the run's own inner loop: ``episodes`` episodes of the current policy on the task,
 the linear-baseline advantages, one policy-gradient step with the run's inner learning rate;
 repeated ``steps`` times with fresh episodes, then a last batch of episodes measures the return
-of the final policy. A task outside the family's training range is allowed with a warning;
-a malformed task raises :class:`envs.base.InvalidTask` naming the field.
+of the final policy. ``keep="best"`` keeps the step (0 = the meta-policy) with the highest
+measured return instead of the last. A task outside the family's training range is allowed with
+a warning; a malformed task raises :class:`envs.base.InvalidTask` naming the field.
 
 An adapted-policy directory holds ``policy.pt`` (``{"model": {name: tensor}}``, loaded with
-``weights_only=True``) and ``adapted.json`` (task, returns, and the run's path relative
+``weights_only=True``) and ``adapted.json`` (task, returns, kept step, and the run's path relative
 to the directory, so a run moved with its ``adapted/`` folder still loads). Damaged or foreign
 files raise a one-line :class:`~metarl.runs.rundir.RunError`.
 """
@@ -24,6 +25,7 @@ files raise a one-line :class:`~metarl.runs.rundir.RunError`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -41,6 +43,7 @@ from metarl.runs.rundir import CONFIG, RunError, check_writable, require_run_dir
 
 ADAPTED_POLICY = "policy.pt"
 ADAPTED_INFO = "adapted.json"
+KEEP = ("last", "best")
 
 
 class VideoUnavailable(RuntimeError):
@@ -133,8 +136,14 @@ class MetaPolicy(_Acting):
         return tasks[index]
 
     def adapt(self, task: dict[str, Any] | gym.Env, *, episodes: int = 20, steps: int = 1, seed: int = 0,
-              test_split: bool = True) -> AdaptedPolicy:
-        """Adapt to ``task`` (a task dict, or an env of the family whose current task is used)."""
+              test_split: bool = True, keep: str = "last") -> AdaptedPolicy:
+        """Adapt to ``task`` (a task dict, or an env of the family whose current task is used).
+
+        ``returns[s]`` is the mean return of ``episodes`` episodes after ``s`` steps (``steps + 1``
+        values). ``keep="last"`` keeps the parameters after ``steps`` steps; ``keep="best"`` those of
+        the step with the highest mean return (the first on ties; step 0 is the meta-policy).
+        The kept step is ``AdaptedPolicy.kept_step``.
+        """
         from metarl.core.functional import inner_lrs
         from metarl.runs.rl import TEST
 
@@ -142,23 +151,45 @@ class MetaPolicy(_Acting):
             task = task.unwrapped.get_task()
         if episodes < 1 or steps < 0:
             raise ValueError(f"episodes must be >= 1 and steps >= 0, got episodes={episodes}, steps={steps}")
+        if keep not in KEEP:
+            raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
         exp = self.experiment
         task = _check_task(self.cfg.env_id, self.cfg.env_kwargs(test=test_split), task)
         sampler = exp.sampler(test=test_split, episodes=episodes)
-        train, final, _ = exp.adapt_and_sample([task], (TEST, 7, seed), steps, sampler=sampler,
-                                               lrs=inner_lrs(self.cfg.inner.lr, steps))
-        phi = exp.last_adapted  # the parameters that sampled `final`
-        params = {k: (v[0] if train else v).detach().cpu().clone() for k, v in phi.items()}
-        returns = [float(d.episodes.returns_per_episode().mean()) for d in train + [final]]
+        lrs = inner_lrs(self.cfg.inner.lr, steps)
+        train, final, _ = exp.adapt_and_sample([task], (TEST, 7, seed), steps, sampler=sampler, lrs=lrs)
+        returns = [_mean_return(d) for d in train + [final]]
+        kept = steps if keep == "last" else _best_step(returns)
+        if kept == steps:
+            phi = exp.last_adapted  # the parameters that sampled `final`
+        else:  # the same inner steps as adapt_and_sample took, on the episodes of the first `kept` steps
+            theta = {k: v.detach() for k, v in exp.policy.named_parameters()}
+            with torch.no_grad():
+                phi = exp.learner.inner.adapt(theta, train[:kept], first_order=True, lrs=lrs)
+        params = {k: (v[0] if kept else v).detach().cpu().clone() for k, v in phi.items()}
         return AdaptedPolicy(self.policy, params, task=task, returns=returns, episodes=episodes,
-                             run_dir=self.run_dir, cfg=self.cfg, action_space=self.action_space)
+                             run_dir=self.run_dir, cfg=self.cfg, action_space=self.action_space, kept_step=kept)
+
+
+def _mean_return(data) -> float:
+    """Mean episode return of one step's episodes (one task)."""
+    return float(data.episodes.returns_per_episode().mean())
+
+
+def _best_step(returns: list[float]) -> int:
+    """The step with the highest return: the first on ties; a NaN return never wins."""
+    return max(range(len(returns)), key=lambda s: returns[s] if math.isfinite(returns[s]) else -math.inf)
 
 
 class AdaptedPolicy(_Acting):
-    """A policy adapted to one task: ``act``, ``returns`` (before and after each step), ``save``."""
+    """A policy adapted to one task: ``act``, ``returns`` (before and after each step), ``save``.
+
+    ``params`` are those after ``kept_step`` inner steps (default: the last, ``len(returns) - 1``).
+    """
 
     def __init__(self, policy: torch.nn.Module, params: dict[str, torch.Tensor], *, task: dict[str, Any],
-                 returns: list[float], episodes: int, run_dir: Path, cfg, action_space) -> None:
+                 returns: list[float], episodes: int, run_dir: Path, cfg, action_space,
+                 kept_step: int | None = None) -> None:
         self.policy = policy
         self.params = params
         self.task = task
@@ -167,6 +198,7 @@ class AdaptedPolicy(_Acting):
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.action_space = action_space
+        self.kept_step = len(returns) - 1 if kept_step is None else kept_step
 
     def videos(self, out_dir: str | Path, *, meta: MetaPolicy | None = None, seed: int = 0) -> list[Path]:
         """GIFs of one episode before (the meta-policy) and after adaptation, in ``out_dir``."""
@@ -191,8 +223,8 @@ class AdaptedPolicy(_Acting):
         return env
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``policy.pt`` (the adapted parameters) and then ``adapted.json`` (task, returns,
-        source run) into ``out_dir``, each atomically; an existing policy there is replaced.
+        """Write ``policy.pt`` (the adapted parameters) and then ``adapted.json`` (task, returns, kept
+        step, source run) into ``out_dir``, each atomically; an existing policy there is replaced.
 
         ``run_dir`` is stored relative to ``out_dir`` (``"../.."`` for ``RUN/adapted/NAME``) and,
         as a fallback, absolute in ``run_dir_absolute``. A failed write is a one-line RunWriteError.
@@ -206,7 +238,7 @@ class AdaptedPolicy(_Acting):
         info = {"run_dir": os.path.relpath(run, out.resolve()), "run_dir_absolute": str(run),
                 "family": self.cfg.family, "env": self.cfg.env,
                 "task": self.task, "episodes": self.episodes, "steps": len(self.returns) - 1,
-                "returns": self.returns}
+                "kept_step": self.kept_step, "returns": self.returns}
         with writing(out / ADAPTED_INFO), atomic_open(out / ADAPTED_INFO, "w") as f:
             f.write(json.dumps(info, indent=2) + "\n")
         return out
@@ -275,12 +307,13 @@ def load_adapted(out_dir: str | Path) -> AdaptedPolicy:
         raise RunError(f"{out / ADAPTED_POLICY} does not fit the policy of {run_dir} (parameters {', '.join(mismatch)} "
                        "differ in name, shape or dtype); was it saved from another run?")
     return AdaptedPolicy(meta.policy, params, task=info["task"], returns=info["returns"], episodes=info["episodes"],
-                         run_dir=run_dir, cfg=meta.cfg, action_space=meta.action_space)
+                         run_dir=run_dir, cfg=meta.cfg, action_space=meta.action_space,
+                         kept_step=info.get("kept_step"))
 
 
 def _read_adapted_info(path: Path) -> dict[str, Any]:
     """``adapted.json`` checked: a JSON object with run_dir (str), task (object), returns (numbers),
-    episodes (int >= 1), optional run_dir_absolute (str)."""
+    episodes (int >= 1), optional kept_step (a step of returns) and run_dir_absolute (str)."""
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -305,6 +338,9 @@ def _read_adapted_info(path: Path) -> dict[str, Any]:
             raise RunError(f"{path} is not a metarl adapted.json: key {key!r} is missing")
         if not ok(info[key]):
             raise RunError(f"{path}: {key!r} must be {want}, got {json.dumps(info[key])[:80]}")
+    kept, last = info.get("kept_step"), len(info["returns"]) - 1
+    if kept is not None and not (isinstance(kept, int) and not isinstance(kept, bool) and 0 <= kept <= last):
+        raise RunError(f"{path}: 'kept_step' must be an integer in [0, {last}], got {json.dumps(kept)[:80]}")
     if not isinstance(info.get("run_dir_absolute", ""), str):
         raise RunError(f"{path}: 'run_dir_absolute' must be a path string")
     return info

@@ -234,7 +234,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         task = meta.task_by_index(args.task_index)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        adapted = meta.adapt(task, episodes=args.episodes, steps=args.steps, seed=args.seed)
+        adapted = meta.adapt(task, episodes=args.episodes, steps=args.steps, seed=args.seed, keep=args.keep)
     for w in caught:
         if "training range" in str(w.message):
             print(f"metarl: warning: {w.message}", file=sys.stderr)
@@ -242,6 +242,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"{'step':>5}  {'return':>10}")
     for step, value in enumerate(adapted.returns):
         print(f"{step:>5}  {value:>10.2f}")
+    why = "the highest return" if args.keep == "best" else "the last step"
+    print(f"kept the policy of step {adapted.kept_step} (--keep {args.keep}: {why})")
     adapted.save(out)
     print(f"adapted policy: {out}  (metarl.load_adapted('{out}'))")
     if args.video:
@@ -381,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--episodes", type=int, default=20, help="episodes per adaptation step (default 20)")
     ad.add_argument("--steps", type=int, default=1, help="inner-loop steps (default 1)")
     ad.add_argument("--seed", type=int, default=0, help="seed of the episodes (default 0)")
+    ad.add_argument("--keep", choices=("last", "best"), default="last",
+                    help="which step's policy to keep: last (after --steps steps, the default) or best (the step with "
+                         "the highest measured mean return; step 0 is the meta-policy itself)")
     ad.add_argument("--out", help="where to save the adapted policy (default RUN_DIR/adapted/TIMESTAMP); "
                                   "must not be a file or an existing adapted-policy directory")
     ad.add_argument("--video", action="store_true",
