@@ -191,6 +191,19 @@ def test_read_only_run_directory(sin_run, tmp_path, monkeypatch):
     assert files(run) == before and stray_files(run) == []
 
 
+def test_evaluate_and_plot_outputs_in_the_way(sin_run, tmp_path, monkeypatch):
+    from metarl.runs import fewshot
+
+    (tmp_path / "somefile").write_text("x")
+    monkeypatch.setattr(fewshot, "restore", lambda *a: pytest.fail("evaluated before checking the output"))
+    rc, _, err = cli("evaluate", sin_run, "--json", tmp_path)
+    one_error_line(rc, err, str(tmp_path), "is a directory")
+    rc, _, err = cli("evaluate", sin_run, "--json", tmp_path / "somefile" / "eval.json")
+    one_error_line(rc, err, str(tmp_path / "somefile"), "not a directory")
+    rc, _, err = cli("plot", sin_run, "--out", tmp_path / "somefile" / "curves.png")
+    one_error_line(rc, err, str(tmp_path / "somefile" / "curves.png"), "not a directory")
+
+
 FULL_DISK = {
     "torch-short-write": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4046"),
     "enospc": OSError(errno.ENOSPC, "No space left on device"),

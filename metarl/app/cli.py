@@ -172,6 +172,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-tasks must be >= 1, got {args.num_tasks}")
     if args.steps is not None and args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    if args.json and Path(args.json).is_dir():
+        raise RunError(f"--json {args.json} is a directory; give the path of the JSON file to write")
     for where in [run_dir] + ([Path(args.json).parent] if args.json else []):
         check_writable(where)  # the results are written at the end: fail now, not after the evaluation
     cfg = _load(run_dir / CONFIG, [])
@@ -259,10 +261,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from metarl.app.plot import plot_runs
+    from metarl.runs.rundir import writing
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "curves.png"
     try:
-        keys = plot_runs([Path(d) for d in args.run_dirs], out, keys=args.keys, smooth=args.smooth)
+        with writing(out):
+            keys = plot_runs([Path(d) for d in args.run_dirs], out, keys=args.keys, smooth=args.smooth)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     print(f"wrote {out} ({', '.join(keys)})")
