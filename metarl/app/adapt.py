@@ -12,13 +12,22 @@
 Adaptation is the run's own inner loop: ``episodes`` episodes of the current policy on the task,
 the linear-baseline advantages, one policy-gradient step with the run's inner learning rate;
 repeated ``steps`` times with fresh episodes, then a last batch of episodes measures the return
-of the final policy. A task outside the family's training range is allowed with a warning;
-a malformed task raises :class:`envs.base.InvalidTask` naming the field.
+of the final policy. ``keep="best"`` keeps the step (0 = the meta-policy) with the highest
+measured return instead of the last. A task outside the family's training range is allowed with
+a warning; a malformed task raises :class:`envs.base.InvalidTask` naming the field.
+
+An adapted-policy directory holds ``policy.pt`` (``{"model": {name: tensor}}``, loaded with
+``weights_only=True``) and ``adapted.json`` (task, returns, kept step, and the run's path relative
+to the directory, so a run moved with its ``adapted/`` folder still loads). Damaged or foreign
+files raise a one-line :class:`~metarl.runs.rundir.RunError`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,10 +41,11 @@ from envs.base import InvalidTask, TaskOutOfRange
 from metarl.core.atomic import atomic_open
 from metarl.core.functional import inner_lrs
 from metarl.runs.experiment import TEST, TRAIN
-from metarl.runs.rundir import RunError
+from metarl.runs.rundir import CONFIG, RunError, check_writable, require_run_dir, writing
 
 ADAPTED_POLICY = "policy.pt"
 ADAPTED_INFO = "adapted.json"
+KEEP = ("last", "best")
 #: Seed key of the episodes of `metarl adapt` (test split): keeps them apart from evaluation's
 #: episodes, whose keys are (TEST, seed, chunk offset).
 ADAPT_SEED_KEY = 7
@@ -67,8 +77,7 @@ def record_video(actor: _Acting, env: gym.Env, path: str | Path, *, seed: int = 
         done = terminated or truncated
     images = [Image.fromarray(f) for f in frames]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as f:
+    with writing(path), atomic_open(path, "wb") as f:
         images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return path
 
@@ -132,29 +141,57 @@ class MetaPolicy(_Acting):
         return tasks[index]
 
     def adapt(self, task: dict[str, Any] | gym.Env, *, episodes: int = 20, steps: int = 1, seed: int = 0,
-              test_split: bool = True) -> AdaptedPolicy:
-        """Adapt to ``task`` (a task dict, or an env of the family whose current task is used)."""
+              test_split: bool = True, keep: str = "last") -> AdaptedPolicy:
+        """Adapt to ``task`` (a task dict, or an env of the family whose current task is used).
+
+        ``returns[s]`` is the mean return of ``episodes`` episodes after ``s`` steps (``steps + 1``
+        values). ``keep="last"`` keeps the parameters after ``steps`` steps; ``keep="best"`` those of
+        the step with the highest mean return (the first on ties; step 0 is the meta-policy).
+        The kept step is ``AdaptedPolicy.kept_step``.
+        """
         if isinstance(task, gym.Env):
             task = task.unwrapped.get_task()
         if episodes < 1 or steps < 0:
             raise ValueError(f"episodes must be >= 1 and steps >= 0, got episodes={episodes}, steps={steps}")
+        if keep not in KEEP:
+            raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
         exp = self.experiment
         task = _check_task(self.cfg.env_id, self.cfg.env_kwargs(test=test_split), task)
         sampler = exp.sampler(test=test_split, episodes=episodes)
-        batch, _ = exp.adapt_and_sample([task], (TEST, ADAPT_SEED_KEY, seed), steps, sampler=sampler,
-                                        lrs=inner_lrs(self.cfg.inner.lr, steps))
-        train, final, phi = batch  # phi: the parameters that sampled `final`
-        params = {k: (v[0] if train else v).detach().cpu().clone() for k, v in phi.items()}
-        returns = [float(d.episodes.returns_per_episode().mean()) for d in train + [final]]
+        lrs = inner_lrs(self.cfg.inner.lr, steps)
+        batch, _ = exp.adapt_and_sample([task], (TEST, ADAPT_SEED_KEY, seed), steps, sampler=sampler, lrs=lrs)
+        train, final = batch.train, batch.valid
+        returns = [_mean_return(d) for d in [*train, final]]
+        kept = steps if keep == "last" else _best_step(returns)
+        if kept == steps:
+            phi = batch.adapted  # the parameters that sampled `final`
+        else:  # the same inner steps as adapt_and_sample took, on the episodes of the first `kept` steps
+            with torch.no_grad():
+                phi = exp.learner.adapt(exp.learner.theta(), train[:kept], lrs=lrs, first_order=True)
+        params = {k: (v[0] if kept else v).detach().cpu().clone() for k, v in phi.items()}
         return AdaptedPolicy(self.policy, params, task=task, returns=returns, episodes=episodes,
-                             run_dir=self.run_dir, cfg=self.cfg, action_space=self.action_space)
+                             run_dir=self.run_dir, cfg=self.cfg, action_space=self.action_space, kept_step=kept)
+
+
+def _mean_return(data) -> float:
+    """Mean episode return of one step's episodes (one task)."""
+    return float(data.episodes.returns_per_episode().mean())
+
+
+def _best_step(returns: list[float]) -> int:
+    """The step with the highest return: the first on ties; a NaN return never wins."""
+    return max(range(len(returns)), key=lambda s: returns[s] if math.isfinite(returns[s]) else -math.inf)
 
 
 class AdaptedPolicy(_Acting):
-    """A policy adapted to one task: ``act``, ``returns`` (before and after each step), ``save``."""
+    """A policy adapted to one task: ``act``, ``returns`` (before and after each step), ``save``.
+
+    ``params`` are those after ``kept_step`` inner steps (default: the last, ``len(returns) - 1``).
+    """
 
     def __init__(self, policy: torch.nn.Module, params: dict[str, torch.Tensor], *, task: dict[str, Any],
-                 returns: list[float], episodes: int, run_dir: Path, cfg, action_space) -> None:
+                 returns: list[float], episodes: int, run_dir: Path, cfg, action_space,
+                 kept_step: int | None = None) -> None:
         self.policy = policy
         self.params = params
         self.task = task
@@ -163,6 +200,7 @@ class AdaptedPolicy(_Acting):
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.action_space = action_space
+        self.kept_step = len(returns) - 1 if kept_step is None else kept_step
 
     def videos(self, out_dir: str | Path, *, meta: MetaPolicy | None = None, seed: int = 0) -> list[Path]:
         """GIFs of one episode before (the meta-policy) and after adaptation, in ``out_dir``."""
@@ -187,17 +225,47 @@ class AdaptedPolicy(_Acting):
         return env
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``policy.pt`` (the adapted parameters) and ``adapted.json`` (task, returns, source run)."""
+        """Write ``policy.pt`` (the adapted parameters) and then ``adapted.json`` (task, returns, kept
+        step, source run) into ``out_dir``, each atomically; an existing policy there is replaced.
+
+        ``run_dir`` is stored relative to ``out_dir`` (``"../.."`` for ``RUN/adapted/NAME``) and,
+        as a fallback, absolute in ``run_dir_absolute``. A failed write is a one-line RunWriteError.
+        """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_open(out / ADAPTED_POLICY, "wb") as f:
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        with writing(out / ADAPTED_POLICY), atomic_open(out / ADAPTED_POLICY, "wb") as f:
             torch.save({"model": {k: v.clone() for k, v in self.params.items()}}, f)
-        info = {"run_dir": str(self.run_dir.resolve()), "family": self.cfg.family, "env": self.cfg.env,
+        run = self.run_dir.resolve()
+        info = {"run_dir": os.path.relpath(run, out.resolve()), "run_dir_absolute": str(run),
+                "family": self.cfg.family, "env": self.cfg.env,
                 "task": self.task, "episodes": self.episodes, "steps": len(self.returns) - 1,
-                "returns": self.returns}
-        with atomic_open(out / ADAPTED_INFO, "w") as f:
+                "kept_step": self.kept_step, "returns": self.returns}
+        with writing(out / ADAPTED_INFO), atomic_open(out / ADAPTED_INFO, "w") as f:
             f.write(json.dumps(info, indent=2) + "\n")
         return out
+
+
+def check_adapted_out(out_dir: str | Path) -> Path:
+    """Raise a one-line RunError unless ``out_dir`` can take a new adapted policy: not a file, not
+    an existing adapted-policy directory, writable. Cheap; the CLI calls it before adapting."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is an existing file; choose a directory path for the adapted policy")
+    if (out / ADAPTED_INFO).exists() or (out / ADAPTED_POLICY).exists():
+        raise RunError(f"--out {out} already holds an adapted policy; choose another directory or delete it first")
+    check_writable(out)
+    return out
+
+
+def default_adapted_dir(run_dir: str | Path) -> Path:
+    """``RUN_DIR/adapted/TIMESTAMP``, with ``-2``, ``-3``... when that exists (two adaptations in a second)."""
+    base = Path(run_dir) / "adapted" / time.strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def load(run_dir: str | Path) -> MetaPolicy:
@@ -205,7 +273,7 @@ def load(run_dir: str | Path) -> MetaPolicy:
     from metarl.runs.load import load_run_config, restore
     from metarl.runs.rl_config import RLConfig
 
-    run_dir = Path(run_dir)
+    run_dir = require_run_dir(run_dir)
     cfg = load_run_config(run_dir)
     if not isinstance(cfg, RLConfig):
         raise RunError(f"{run_dir} is a few-shot run ({cfg.family}); use metarl.app.classifier.FewShotClassifier")
@@ -217,16 +285,92 @@ def load(run_dir: str | Path) -> MetaPolicy:
 
 
 def load_adapted(out_dir: str | Path) -> AdaptedPolicy:
-    """An adapted policy saved by :meth:`AdaptedPolicy.save` (or ``metarl adapt --out``)."""
-    out = Path(out_dir)
+    """An adapted policy saved by :meth:`AdaptedPolicy.save` (or ``metarl adapt --out``).
+
+    A missing, damaged or foreign ``adapted.json`` or ``policy.pt``, or a run that cannot be found,
+    raises a one-line RunError; ``policy.pt`` is read with ``weights_only=True`` (no code runs).
+    """
+    out = require_run_dir(out_dir, what="an adapted-policy directory (metarl adapt --out DIR)")
     info_path = out / ADAPTED_INFO
     if not info_path.is_file():
         raise RunError(f"{out} holds no {ADAPTED_INFO}: not an adapted-policy directory (metarl adapt --out DIR)")
-    info = json.loads(info_path.read_text())
-    meta = load(info["run_dir"])
-    state = torch.load(out / ADAPTED_POLICY, map_location="cpu", weights_only=True)
-    params = {k: v for k, v in state["model"].items()}
-    if set(params) != set(meta.params) or any(params[k].shape != meta.params[k].shape for k in params):
-        raise RunError(f"{out / ADAPTED_POLICY} does not fit the policy of {info['run_dir']}")
+    info = _read_adapted_info(info_path)
+    params = _read_adapted_params(out / ADAPTED_POLICY)
+    run_dir = _find_run(out, info)
+    meta = load(run_dir)
+    if info.get("family", meta.cfg.family) != meta.cfg.family:
+        raise RunError(f"{info_path} is a {info['family']} policy but its run {run_dir} is {meta.cfg.family}")
+    mismatch = sorted(set(params) ^ set(meta.params)) or \
+        [k for k in params if params[k].shape != meta.params[k].shape or params[k].dtype != meta.params[k].dtype]
+    if mismatch:
+        raise RunError(f"{out / ADAPTED_POLICY} does not fit the policy of {run_dir} (parameters {', '.join(mismatch)} "
+                       "differ in name, shape or dtype); was it saved from another run?")
     return AdaptedPolicy(meta.policy, params, task=info["task"], returns=info["returns"], episodes=info["episodes"],
-                         run_dir=Path(info["run_dir"]), cfg=meta.cfg, action_space=meta.action_space)
+                         run_dir=run_dir, cfg=meta.cfg, action_space=meta.action_space,
+                         kept_step=info.get("kept_step"))
+
+
+def _read_adapted_info(path: Path) -> dict[str, Any]:
+    """``adapted.json`` checked: a JSON object with run_dir (str), task (object), returns (numbers),
+    episodes (int >= 1), optional kept_step (a step of returns) and run_dir_absolute (str)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise RunError(f"{path} is not valid JSON{where}: it is damaged; re-run metarl adapt") from None
+    if not isinstance(info, dict):
+        raise RunError(f"{path} is not a metarl adapted.json (expected a JSON object, got {type(info).__name__})")
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    checks = {
+        "run_dir": (lambda v: isinstance(v, str) and v != "", "a path string"),
+        "task": (lambda v: isinstance(v, dict), "a JSON object"),
+        "returns": (lambda v: isinstance(v, list) and len(v) >= 1 and all(number(x) for x in v), "a list of numbers"),
+        "episodes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    }
+    for key, (ok, want) in checks.items():
+        if key not in info:
+            raise RunError(f"{path} is not a metarl adapted.json: key {key!r} is missing")
+        if not ok(info[key]):
+            raise RunError(f"{path}: {key!r} must be {want}, got {json.dumps(info[key])[:80]}")
+    kept, last = info.get("kept_step"), len(info["returns"]) - 1
+    if kept is not None and not (isinstance(kept, int) and not isinstance(kept, bool) and 0 <= kept <= last):
+        raise RunError(f"{path}: 'kept_step' must be an integer in [0, {last}], got {json.dumps(kept)[:80]}")
+    if not isinstance(info.get("run_dir_absolute", ""), str):
+        raise RunError(f"{path}: 'run_dir_absolute' must be a path string")
+    return info
+
+
+def _read_adapted_params(path: Path) -> dict[str, torch.Tensor]:
+    """``policy.pt`` with ``weights_only=True``: ``{"model": {name: tensor}}``, else a one-line RunError."""
+    if not path.is_file():
+        raise RunError(f"{path} is missing: the adapted-policy directory is incomplete; re-run metarl adapt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # damaged, truncated, or a pickle that wants to run code: torch's text spans lines
+        raise RunError(f"{path} cannot be read ({type(exc).__name__}): it is damaged or not a metarl adapted policy "
+                       "(nothing in it was run); re-run metarl adapt") from None
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict) or not model or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise RunError(f"{path} is not a metarl adapted policy (expected {{'model': {{name: tensor}}}})")
+    return dict(model)
+
+
+def _find_run(out: Path, info: dict[str, Any]) -> Path:
+    """The run of an adapted policy: ``run_dir`` relative to ``out`` (or absolute, as older files
+    stored it), else ``run_dir_absolute``; the first that is a run directory."""
+    stored = Path(info["run_dir"])
+    candidates = [stored if stored.is_absolute() else out / stored]
+    if info.get("run_dir_absolute"):
+        candidates.append(Path(info["run_dir_absolute"]))
+    for run in candidates:
+        if (run / CONFIG).is_file():
+            return run.resolve()
+    raise RunError(f"{out / ADAPTED_INFO} names the run {info['run_dir']}, but {candidates[0].resolve()} is not "
+                   "a metarl run directory (moved or deleted?); keep adapted policies inside their run's directory, "
+                   "or edit 'run_dir' in adapted.json")

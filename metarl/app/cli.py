@@ -10,6 +10,7 @@ Every user mistake (config, run directory, checkpoint, data directory) prints on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,7 +44,20 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # one writer per run directory: train.lock is held from before the experiment is built to the end
+    with contextlib.ExitStack() as held:
+        return _train(args, held)
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
     from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError
+
+    if (run_dir / CHECKPOINT).exists() or (run_dir / CONFIG).exists():
+        raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+
+
+def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
+    from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError, check_writable, lock_run_dir, require_run_dir, writing
 
     config_path, overrides = None, []
     for item in args.args:
@@ -57,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.run_dir is None:
             raise RunError("--resume needs --run-dir DIR: the run to continue")
-        run_dir = Path(args.run_dir)
+        run_dir = require_run_dir(args.run_dir)
         saved_path = run_dir / CONFIG
         if not saved_path.is_file():
             raise RunError(f"--resume: {run_dir} holds no {CONFIG}; it is not a metarl run directory")
@@ -68,7 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if changed:
             raise ConfigError(f"--resume: the config differs from the run's {CONFIG} in {', '.join(changed)}; "
                               f"only {', '.join(RESUMABLE)} may change when resuming")
+        held.enter_context(lock_run_dir(run_dir))
         exp = make_experiment(cfg)
+        held.callback(exp.close)
         start = 0
         if (run_dir / CHECKPOINT).exists():
             start = exp.load_checkpoint(run_dir / CHECKPOINT)
@@ -80,20 +96,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("train needs a CONFIG.yaml (e.g. experiments/sinusoid/maml.yaml), or --resume --run-dir DIR")
         cfg = load_experiment_config(config_path, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
-        if (run_dir / CHECKPOINT).exists() or (run_dir / CONFIG).exists():
-            raise RunError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-        exp = make_experiment(cfg)
+        _refuse_existing_run(run_dir)
+        check_writable(run_dir)
+        exp = make_experiment(cfg)  # before creating the directory: a config the code refuses leaves none
+        held.callback(exp.close)
         start = 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / CONFIG)
+        with writing(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(lock_run_dir(run_dir))
+        _refuse_existing_run(run_dir)  # another `metarl train` may have started here meanwhile
+    with writing(run_dir / CONFIG):
+        dump_config(cfg, run_dir / CONFIG)
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})", file=sys.stderr)
     if start >= cfg.num_iterations:
         print(f"nothing to do: the run already reached num_iterations={cfg.num_iterations}", file=sys.stderr)
         return 0
-    try:
-        exp.train(run_dir, start=start, progress=not args.no_progress)
-    finally:
-        exp.close()
+    exp.train(run_dir, start=start, progress=not args.no_progress)  # `held` closes exp and frees the lock
     from metarl.runs.rundir import read_metrics
 
     last = read_metrics(run_dir)[-1]
@@ -104,15 +122,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from metarl.runs.rundir import CONFIG, RunError
+    from metarl.runs.rundir import RunError, check_writable, require_run_dir
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG}); pass the directory given by `metarl train`")
+    run_dir = require_run_dir(args.run_dir)
     if args.num_tasks is not None and args.num_tasks < 1:
         raise ConfigError(f"--num-tasks must be >= 1, got {args.num_tasks}")
     if args.steps is not None and args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    if args.json and Path(args.json).is_dir():
+        raise RunError(f"--json {args.json} is a directory; give the path of the JSON file to write")
+    for where in [run_dir] + ([Path(args.json).parent] if args.json else []):
+        check_writable(where)  # the results are written at the end: fail now, not after the evaluation
     cfg = load_run_config(run_dir)
     exp, iteration = restore(cfg, run_dir)
     steps = cfg.eval.steps if args.steps is None else args.steps
@@ -134,21 +154,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{s:>5}  {m:>9.4f}  {c:>8.4f}")
     text = json.dumps(result, indent=2) + "\n"
     for path in [run_dir / "eval.json"] + ([Path(args.json)] if args.json else []):
-        with atomic_open(path, "w") as f:
-            f.write(text)
+        _write_text(path, text)
     return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically; a failure is one RunWriteError line naming the path."""
+    from metarl.runs.rundir import writing
+
+    with writing(path), atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     import warnings
 
-    from metarl.app.adapt import load
+    from metarl.app.adapt import check_adapted_out, default_adapted_dir, load
 
     if (args.task is None) == (args.task_index is None):
         raise ConfigError("adapt needs exactly one of --task JSON (e.g. '{\"velocity\": 1.3}') or --task-index N")
     if args.episodes < 1 or args.steps < 0:
         raise ConfigError(f"--episodes must be >= 1 and --steps >= 0, got {args.episodes} and {args.steps}")
     meta = load(args.run_dir)
+    out = check_adapted_out(args.out if args.out else default_adapted_dir(args.run_dir))  # before adapting
     if args.task is not None:
         try:
             task = json.loads(args.task)
@@ -160,7 +188,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         task = meta.task_by_index(args.task_index)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        adapted = meta.adapt(task, episodes=args.episodes, steps=args.steps, seed=args.seed)
+        adapted = meta.adapt(task, episodes=args.episodes, steps=args.steps, seed=args.seed, keep=args.keep)
     for w in caught:
         if "training range" in str(w.message):
             print(f"metarl: warning: {w.message}", file=sys.stderr)
@@ -168,7 +196,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"{'step':>5}  {'return':>10}")
     for step, value in enumerate(adapted.returns):
         print(f"{step:>5}  {value:>10.2f}")
-    out = Path(args.out) if args.out else Path(args.run_dir) / "adapted" / time.strftime("%Y%m%d-%H%M%S")
+    why = "the highest return" if args.keep == "best" else "the last step"
+    print(f"kept the policy of step {adapted.kept_step} (--keep {args.keep}: {why})")
     adapted.save(out)
     print(f"adapted policy: {out}  (metarl.load_adapted('{out}'))")
     if args.video:
@@ -184,10 +213,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from metarl.app.plot import plot_runs
+    from metarl.runs.rundir import writing
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "curves.png"
     try:
-        keys = plot_runs([Path(d) for d in args.run_dirs], out, keys=args.keys, smooth=args.smooth)
+        with writing(out):
+            keys = plot_runs([Path(d) for d in args.run_dirs], out, keys=args.keys, smooth=args.smooth)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     print(f"wrote {out} ({', '.join(keys)})")
@@ -197,8 +228,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from metarl.app.adapt import ADAPTED_INFO, load, load_adapted
     from metarl.app.export import to_sb3
+    from metarl.runs.rundir import RunWriteError, check_writable, require_run_dir
 
-    source = Path(args.source)
+    source = require_run_dir(args.source, what="a metarl run directory or adapted-policy directory")
+    target = Path(args.sb3)
+    if target.is_dir():
+        raise RunWriteError(f"cannot write {target}: it is a directory; give the path of the zip to write")
+    check_writable(target.parent)  # before loading the policy and building the model
     if (source / ADAPTED_INFO).is_file():
         adapted = load_adapted(source)
         policy, params, cfg = adapted.policy, adapted.params, adapted.cfg
@@ -209,7 +245,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         what = "the meta-policy"
     env_kwargs = dict(cfg.env)
     try:
-        to_sb3(policy, cfg.env_id, params=params, env_kwargs=env_kwargs, path=Path(args.sb3))
+        to_sb3(policy, cfg.env_id, params=params, env_kwargs=env_kwargs, path=target)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     print(f"wrote {args.sb3}: {what} of {source} as a stable-baselines3 PPO model "
@@ -224,8 +260,9 @@ def _usable_cores() -> int:
 def _evaluate_baselines(args, exp, run_dir: Path, iteration: int, num_tasks: int, steps: int) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
-    from metarl.app.plot import plot_adaptation
     from metarl.app.comparisons import evaluate_with_baselines
+    from metarl.app.plot import plot_adaptation
+    from metarl.runs.rundir import writing
 
     pretrain = args.pretrain_steps if args.pretrain_steps is not None else min(exp.env_steps, 1_000_000)
     if pretrain < 1 or args.oracle_steps < 1 or (args.oracle_tasks is not None and args.oracle_tasks < 1):
@@ -246,14 +283,15 @@ def _evaluate_baselines(args, exp, run_dir: Path, iteration: int, num_tasks: int
         print(f"{name:<12} " + "  ".join(f"{mu:>8.2f} +- {ci:<5.2f}" for mu, ci in zip(m["mean"], m["ci95"])))
     text = json.dumps(result, indent=2) + "\n"
     for path in [run_dir / "eval_baselines.json"] + ([Path(args.json)] if args.json else []):
-        with atomic_open(path, "w") as f:
-            f.write(text)
-    plot_adaptation(result, run_dir / "eval_baselines.png", title=f"{run_dir.name}: return by adaptation step")
-    writer = SummaryWriter(log_dir=str(run_dir / "eval"))
-    for name, m in result["methods"].items():
-        for s, value in zip(result["steps"], m["mean"]):
-            writer.add_scalar(f"eval/return_{name}", value, s)
-    writer.close()
+        _write_text(path, text)
+    with writing(run_dir / "eval_baselines.png"):
+        plot_adaptation(result, run_dir / "eval_baselines.png", title=f"{run_dir.name}: return by adaptation step")
+    with writing(run_dir / "eval"):
+        writer = SummaryWriter(log_dir=str(run_dir / "eval"))
+        for name, m in result["methods"].items():
+            for s, value in zip(result["steps"], m["mean"]):
+                writer.add_scalar(f"eval/return_{name}", value, s)
+        writer.close()
     print(f"wrote {run_dir / 'eval_baselines.json'}, {run_dir / 'eval_baselines.png'} and TensorBoard curves "
           f"(eval/return_<method>, step = adaptation step)")
     return 0
@@ -301,7 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--episodes", type=int, default=20, help="episodes per adaptation step (default 20)")
     ad.add_argument("--steps", type=int, default=1, help="inner-loop steps (default 1)")
     ad.add_argument("--seed", type=int, default=0, help="seed of the episodes (default 0)")
-    ad.add_argument("--out", help="where to save the adapted policy (default RUN_DIR/adapted/TIMESTAMP)")
+    ad.add_argument("--keep", choices=("last", "best"), default="last",
+                    help="which step's policy to keep: last (after --steps steps, the default) or best (the step with "
+                         "the highest measured mean return; step 0 is the meta-policy itself)")
+    ad.add_argument("--out", help="where to save the adapted policy (default RUN_DIR/adapted/TIMESTAMP); "
+                                  "must not be a file or an existing adapted-policy directory")
     ad.add_argument("--video", action="store_true",
                     help="also record one episode before and after adaptation as GIFs in the output directory "
                          "(MuJoCo offscreen rendering; a warning, not an error, when no renderer is available)")
@@ -325,11 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     from envs.base import InvalidTask
     from metarl.fewshot.omniglot import OmniglotDataNotFound
     from metarl.runs.rundir import RunError, StopRequest
-
-    import signal
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # SIGTERM (e.g. a scheduler stopping the job) stops training at the end of the current

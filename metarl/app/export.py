@@ -136,11 +136,14 @@ def save_sb3(model: Any, path: str | os.PathLike) -> None:
     """Save an SB3 model as a zip at exactly ``path``, atomically.
 
     SB3's ``save`` closes the stream it writes to, so the zip is built in memory and then
-    written through :func:`metarl.core.atomic.atomic_open`.
+    written through :func:`metarl.core.atomic.atomic_open`. A failed write (read-only, full disk,
+    a file in the way) raises :class:`metarl.runs.rundir.RunWriteError` (an ``OSError``) naming ``path``.
     """
+    from metarl.runs.rundir import writing
+
     buffer = _UnclosableBytesIO()
     model.save(buffer)
-    with atomic_open(path, "wb") as f:
+    with writing(path), atomic_open(path, "wb") as f:
         f.write(buffer.getvalue())
 
 

@@ -15,7 +15,7 @@ import yaml
 from metarl.core.config_files import load_config
 from metarl.runs.fewshot_config import FewShotConfig
 from metarl.runs.rl_config import RLConfig
-from metarl.runs.rundir import CONFIG, RunError
+from metarl.runs.rundir import CONFIG, RunError, require_run_dir
 
 FEWSHOT_FAMILIES = ("sinusoid", "omniglot")
 
@@ -46,9 +46,7 @@ def load_experiment_config(path: str | Path, overrides: list[str] = ()) -> Any:
 
 def load_run_config(run_dir: str | Path) -> Any:
     """The resolved config of a run directory; one-line errors for a missing directory or config."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise RunError(f"run directory {run_dir} does not exist")
+    run_dir = require_run_dir(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG}); pass the directory given by `metarl train`")
     return load_experiment_config(run_dir / CONFIG)

@@ -8,8 +8,9 @@ The shares are concatenated in task order, so the result equals ``VectorSampler.
 whole meta-batch, bit for bit, whatever ``W`` is (episodes depend only on their task's seed).
 
 Fault tolerance: if an actor dies during a call (its process is killed, its node is lost), the
-sampler starts a replacement actor, re-submits that share, logs the event (``events`` and the
-``on_event`` callback) and completes the call with the full episode counts.
+sampler starts a replacement actor, re-submits that share, records the event in ``events``,
+reports it once (to the ``on_event`` callback when given, else as a logging warning) and
+completes the call with the full episode counts.
 
 Ray itself: with no ``address`` (and no ``RAY_ADDRESS`` in the environment) ``ray.init`` starts
 a local Ray with ``num_workers`` CPUs and no dashboard; ``address="auto"`` or
@@ -95,7 +96,8 @@ class RaySampler:
         num_workers: number of actors (each takes one CPU).
         address: Ray cluster to join (None: ``RAY_ADDRESS`` or a new local Ray).
         max_replacements: how many dead actors one call may replace before it gives up.
-        on_event: called with a dict for every replaced worker (e.g. the run's logger).
+        on_event: called with a dict for every replaced worker (e.g. the run's logger); when given,
+            it is the only report (no logging warning as well).
         start_timeout_s: how long to wait for the actors to start (each needs a free CPU in
             the Ray cluster) before raising an error that says so.
     """
@@ -157,10 +159,11 @@ class RaySampler:
         event = {"event": "worker_replaced", "worker": index, "tasks": list(share), "time": time.time(),
                  "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
         self.events.append(event)
-        log.warning("rollout worker %d died (%s); replaced it and re-sampling tasks %d..%d",
-                    index, event["error"], share[0], share[1] - 1)
-        if self.on_event is not None:
+        if self.on_event is not None:  # the owner reports it (metarl train prints one line and counts it)
             self.on_event(event)
+        else:
+            log.warning("rollout worker %d died (%s); replaced it and re-sampling tasks %d..%d",
+                        index, event["error"], share[0], share[1] - 1)
 
     def sample(
         self,
