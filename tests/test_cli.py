@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from metarl.app.cli import main
-from metarl.core.config import to_dict
 from metarl.core.config_files import load_config
 from metarl.runs.fewshot_config import FewShotConfig
 from metarl.runs.rundir import load_checkpoint, read_metrics, save_checkpoint
@@ -33,10 +32,28 @@ OMNIGLOT_DATA = (REPO_ROOT.parent / "shared" / "data" / "omniglot").resolve()
 needs_omniglot = pytest.mark.skipif(not OMNIGLOT_DATA.is_dir(), reason=f"no Omniglot data at {OMNIGLOT_DATA}")
 
 # Small sinusoid budget: validation at iterations 6, 13 and 19 (the last), checkpoints at 8, 16, 20.
-SIN = ["num_iterations=20", "meta_batch_size=5", "threads=1", "checkpoint_every=8", "eval.every=7",
-       "eval.val_tasks=10", "eval.steps=2", "eval.num_tasks=8", "eval.chunk=8"]
-OMNI = [f"omniglot.root={OMNIGLOT_DATA}", "omniglot.filters=8", "meta_batch_size=2", "threads=1",
-        "num_iterations=3", "eval.every=0", "eval.num_tasks=6", "eval.steps=2", "checkpoint_every=100"]
+SIN = [
+    "num_iterations=20",
+    "meta_batch_size=5",
+    "threads=1",
+    "checkpoint_every=8",
+    "eval.every=7",
+    "eval.val_tasks=10",
+    "eval.steps=2",
+    "eval.num_tasks=8",
+    "eval.chunk=8",
+]
+OMNI = [
+    f"omniglot.root={OMNIGLOT_DATA}",
+    "omniglot.filters=8",
+    "meta_batch_size=2",
+    "threads=1",
+    "num_iterations=3",
+    "eval.every=0",
+    "eval.num_tasks=6",
+    "eval.steps=2",
+    "checkpoint_every=100",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -164,8 +181,14 @@ def test_train_writes_metrics_jsonl(sin_run):
     rows = read_metrics(run)
     assert len(rows) == 20
     assert [r["iteration"] for r in rows] == list(range(20))
-    base = {"iteration", "time/iteration", "time/sampling", "time/meta_update",
-            "train/loss_pre_adapt", "train/loss_post_adapt"}
+    base = {
+        "iteration",
+        "time/iteration",
+        "time/sampling",
+        "time/meta_update",
+        "train/loss_pre_adapt",
+        "train/loss_post_adapt",
+    }
     val = {"val/mse_pre_adapt", "val/mse_post_adapt"}
     for r in rows:
         assert base <= set(r), sorted(r)
@@ -194,8 +217,17 @@ def test_train_writes_tensorboard_with_the_metrics_keys(sin_run):
 def test_train_accepts_overrides_after_options(tmp_path):
     """The documented form ``metarl train CONFIG [--run-dir DIR] [--no-progress] [key=value ...]``."""
     run = tmp_path / "run"
-    rc, out, err = cli("train", SINUSOID, "--run-dir", run, "--no-progress", "num_iterations=2",
-                       "meta_batch_size=2", "eval.every=0", "threads=1")
+    rc, out, err = cli(
+        "train",
+        SINUSOID,
+        "--run-dir",
+        run,
+        "--no-progress",
+        "num_iterations=2",
+        "meta_batch_size=2",
+        "eval.every=0",
+        "threads=1",
+    )
     assert rc == 0, f"exit {rc}: {err!r}"
     assert load_config(FewShotConfig, run / "config.yaml").num_iterations == 2
 
@@ -249,8 +281,11 @@ def test_evaluate_omniglot(omni_run, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text()) == result
 
 
-@pytest.mark.parametrize("flags, needle", [(["--num-tasks", "0"], "tasks"), (["--steps", "-1"], "steps")],
-                         ids=["num-tasks-0", "steps-negative"])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [(["--num-tasks", "0"], "tasks"), (["--steps", "-1"], "steps")],
+    ids=["num-tasks-0", "steps-negative"],
+)
 def test_evaluate_rejects_bad_flags(sin_run, flags, needle):
     run, _, _ = sin_run
     rc, _, err = cli("evaluate", run, *flags)
@@ -352,10 +387,13 @@ def test_errors_in_a_real_process(sin_run, tmp_path):
     """Errors from a real process: one line on stderr, no traceback, no warnings."""
     run = damaged_run(sin_run, tmp_path, "truncated")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    for argv, needle in ([["evaluate", str(run)], "checkpoint.pt"],
-                         [["train", str(SINUSOID), "device=cuda", "--run-dir", str(tmp_path / "x")], "cuda"]):
-        proc = subprocess.run([sys.executable, "-m", "metarl", *argv], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)
+    for argv, needle in (
+        [["evaluate", str(run)], "checkpoint.pt"],
+        [["train", str(SINUSOID), "device=cuda", "--run-dir", str(tmp_path / "x")], "cuda"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "metarl", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
         one_error_line(proc.returncode, proc.stderr, needle)
         assert proc.stdout == ""
     assert not (tmp_path / "x").exists()
@@ -367,8 +405,14 @@ def test_errors_in_a_real_process(sin_run, tmp_path):
 
 
 def test_resume_matches_uninterrupted(tmp_path):
-    common = ["meta_batch_size=5", "threads=1", "checkpoint_every=4", "eval.every=4", "eval.val_tasks=10",
-              "eval.steps=2"]
+    common = [
+        "meta_batch_size=5",
+        "threads=1",
+        "checkpoint_every=4",
+        "eval.every=4",
+        "eval.val_tasks=10",
+        "eval.steps=2",
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
     ok(train(a, "num_iterations=12", *common))
     ok(train(b, "num_iterations=8", *common))
@@ -405,8 +449,18 @@ def killed(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("kill")
     run, ref = base / "killed", base / "reference"
     log = (base / "stderr.txt").open("w")
-    cmd = [sys.executable, "-m", "metarl", "train", "--run-dir", str(run), "--no-progress",
-           str(SINUSOID), "num_iterations=3000", *KILL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "metarl",
+        "train",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        str(SINUSOID),
+        "num_iterations=3000",
+        *KILL,
+    ]
     proc = subprocess.Popen(cmd, cwd=base, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 180
@@ -523,8 +577,11 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch, exc):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*/*.yaml")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*/*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_every_experiment_config_loads_and_is_named_after_its_algorithm(path):
     from metarl.runs.load import load_experiment_config as _load
 
@@ -564,8 +621,9 @@ def _train_then_sigterm(run, config, overrides, *, start_timeout):
 
 def test_sigterm_stops_training_like_ctrl_c(tmp_path):
     run = tmp_path / "run"
-    code, err = _train_then_sigterm(run, SINUSOID, ["num_iterations=100000", "checkpoint_every=20", "eval.every=0",
-                                                    "threads=1"], start_timeout=120)
+    code, err = _train_then_sigterm(
+        run, SINUSOID, ["num_iterations=100000", "checkpoint_every=20", "eval.every=0", "threads=1"], start_timeout=120
+    )
     assert code == 130 and "interrupted" in err and "--resume" in err
     # a checkpoint of every iteration done (not only of the last multiple of checkpoint_every)
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == len(read_metrics(run)) > 0
@@ -576,8 +634,17 @@ def test_sigterm_stops_training_with_ray_workers(tmp_path):
     workers also stops cleanly with its last checkpoint."""
     run = tmp_path / "run"
     code, err = _train_then_sigterm(
-        run, REPO_ROOT / "experiments" / "navigation2d" / "maml_trpo.yaml",
-        ["num_iterations=100000", "checkpoint_every=1", "threads=1", "ray.workers=1", "meta_batch_size=2",
-         "episodes_per_task=2"], start_timeout=180)
+        run,
+        REPO_ROOT / "experiments" / "navigation2d" / "maml_trpo.yaml",
+        [
+            "num_iterations=100000",
+            "checkpoint_every=1",
+            "threads=1",
+            "ray.workers=1",
+            "meta_batch_size=2",
+            "episodes_per_task=2",
+        ],
+        start_timeout=180,
+    )
     assert code == 130 and "interrupted" in err and "--resume" in err, err[-2000:]
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == len(read_metrics(run)) >= 1

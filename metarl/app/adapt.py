@@ -38,48 +38,17 @@ import torch
 
 import envs  # noqa: F401
 from envs.base import InvalidTask, TaskOutOfRange
+from metarl.app.adapted_files import ADAPTED_INFO, ADAPTED_POLICY, find_run, read_adapted_info, read_adapted_params
+from metarl.app.video import VideoUnavailable, record_video
 from metarl.core.atomic import atomic_open
 from metarl.core.functional import inner_lrs
 from metarl.runs.experiment import TEST, TRAIN
-from metarl.runs.rundir import CONFIG, RunError, check_writable, require_run_dir, writing
+from metarl.runs.rundir import RunError, check_writable, require_run_dir, writing
 
-ADAPTED_POLICY = "policy.pt"
-ADAPTED_INFO = "adapted.json"
 KEEP = ("last", "best")
 #: Seed key of the episodes of `metarl adapt` (test split): keeps them apart from evaluation's
 #: episodes, whose keys are (TEST, seed, chunk offset).
 ADAPT_SEED_KEY = 7
-
-
-class VideoUnavailable(RuntimeError):
-    """No offscreen renderer (or a family that cannot render); the message says what to do."""
-
-
-def record_video(actor: _Acting, env: gym.Env, path: str | Path, *, seed: int = 0, fps: int = 30) -> Path:
-    """One deterministic episode of ``actor`` in ``env`` (made with ``render_mode="rgb_array"``)
-    as an animated GIF at ``path``; raises :class:`VideoUnavailable` when nothing can be rendered."""
-    from PIL import Image
-
-    try:
-        obs, _ = env.reset(seed=seed)
-        first = env.render()
-    except Exception as exc:  # OpenGL / EGL / OSMesa failures surface as many exception types
-        raise VideoUnavailable(
-            f"MuJoCo could not render offscreen ({type(exc).__name__}); set MUJOCO_GL=egl (with a GPU) or "
-            "MUJOCO_GL=osmesa (CPU, needs libOSMesa) and retry") from None
-    if first is None:
-        raise VideoUnavailable(f"{env.spec.id if env.spec else env} does not render images (no rgb_array mode)")
-    frames = [first]
-    done = False
-    while not done:
-        obs, _, terminated, truncated, _ = env.step(actor.act(obs, deterministic=True))
-        frames.append(env.render())
-        done = terminated or truncated
-    images = [Image.fromarray(f) for f in frames]
-    path = Path(path)
-    with writing(path), atomic_open(path, "wb") as f:
-        images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    return path
 
 
 def _check_task(env_id: str, env_kwargs: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
@@ -133,15 +102,25 @@ class MetaPolicy(_Acting):
         """The ``index``-th task of a Meta-World split (test split by default)."""
         env = self.experiment.task_envs[TEST if test else TRAIN]
         if not hasattr(env, "all_tasks"):
-            raise InvalidTask(f"--task-index needs a family with a fixed task list (Meta-World); {self.cfg.family} "
-                              "takes a task dict (--task)")
+            raise InvalidTask(
+                f"--task-index needs a family with a fixed task list (Meta-World); {self.cfg.family} "
+                "takes a task dict (--task)"
+            )
         tasks = env.all_tasks()
         if not 0 <= index < len(tasks):
             raise InvalidTask(f"task index must be in [0, {len(tasks) - 1}] for this split, got {index}")
         return tasks[index]
 
-    def adapt(self, task: dict[str, Any] | gym.Env, *, episodes: int = 20, steps: int = 1, seed: int = 0,
-              test_split: bool = True, keep: str = "last") -> AdaptedPolicy:
+    def adapt(
+        self,
+        task: dict[str, Any] | gym.Env,
+        *,
+        episodes: int = 20,
+        steps: int = 1,
+        seed: int = 0,
+        test_split: bool = True,
+        keep: str = "last",
+    ) -> AdaptedPolicy:
         """Adapt to ``task`` (a task dict, or an env of the family whose current task is used).
 
         ``returns[s]`` is the mean return of ``episodes`` episodes after ``s`` steps (``steps + 1``
@@ -169,8 +148,17 @@ class MetaPolicy(_Acting):
             with torch.no_grad():
                 phi = exp.learner.adapt(exp.learner.theta(), train[:kept], lrs=lrs, first_order=True)
         params = {k: (v[0] if kept else v).detach().cpu().clone() for k, v in phi.items()}
-        return AdaptedPolicy(self.policy, params, task=task, returns=returns, episodes=episodes,
-                             run_dir=self.run_dir, cfg=self.cfg, action_space=self.action_space, kept_step=kept)
+        return AdaptedPolicy(
+            self.policy,
+            params,
+            task=task,
+            returns=returns,
+            episodes=episodes,
+            run_dir=self.run_dir,
+            cfg=self.cfg,
+            action_space=self.action_space,
+            kept_step=kept,
+        )
 
 
 def _mean_return(data) -> float:
@@ -189,9 +177,19 @@ class AdaptedPolicy(_Acting):
     ``params`` are those after ``kept_step`` inner steps (default: the last, ``len(returns) - 1``).
     """
 
-    def __init__(self, policy: torch.nn.Module, params: dict[str, torch.Tensor], *, task: dict[str, Any],
-                 returns: list[float], episodes: int, run_dir: Path, cfg, action_space,
-                 kept_step: int | None = None) -> None:
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        params: dict[str, torch.Tensor],
+        *,
+        task: dict[str, Any],
+        returns: list[float],
+        episodes: int,
+        run_dir: Path,
+        cfg,
+        action_space,
+        kept_step: int | None = None,
+    ) -> None:
         self.policy = policy
         self.params = params
         self.task = task
@@ -237,10 +235,17 @@ class AdaptedPolicy(_Acting):
         with writing(out / ADAPTED_POLICY), atomic_open(out / ADAPTED_POLICY, "wb") as f:
             torch.save({"model": {k: v.clone() for k, v in self.params.items()}}, f)
         run = self.run_dir.resolve()
-        info = {"run_dir": os.path.relpath(run, out.resolve()), "run_dir_absolute": str(run),
-                "family": self.cfg.family, "env": self.cfg.env,
-                "task": self.task, "episodes": self.episodes, "steps": len(self.returns) - 1,
-                "kept_step": self.kept_step, "returns": self.returns}
+        info = {
+            "run_dir": os.path.relpath(run, out.resolve()),
+            "run_dir_absolute": str(run),
+            "family": self.cfg.family,
+            "env": self.cfg.env,
+            "task": self.task,
+            "episodes": self.episodes,
+            "steps": len(self.returns) - 1,
+            "kept_step": self.kept_step,
+            "returns": self.returns,
+        }
         with writing(out / ADAPTED_INFO), atomic_open(out / ADAPTED_INFO, "w") as f:
             f.write(json.dumps(info, indent=2) + "\n")
         return out
@@ -294,83 +299,28 @@ def load_adapted(out_dir: str | Path) -> AdaptedPolicy:
     info_path = out / ADAPTED_INFO
     if not info_path.is_file():
         raise RunError(f"{out} holds no {ADAPTED_INFO}: not an adapted-policy directory (metarl adapt --out DIR)")
-    info = _read_adapted_info(info_path)
-    params = _read_adapted_params(out / ADAPTED_POLICY)
-    run_dir = _find_run(out, info)
+    info = read_adapted_info(info_path)
+    params = read_adapted_params(out / ADAPTED_POLICY)
+    run_dir = find_run(out, info)
     meta = load(run_dir)
     if info.get("family", meta.cfg.family) != meta.cfg.family:
         raise RunError(f"{info_path} is a {info['family']} policy but its run {run_dir} is {meta.cfg.family}")
-    mismatch = sorted(set(params) ^ set(meta.params)) or \
-        [k for k in params if params[k].shape != meta.params[k].shape or params[k].dtype != meta.params[k].dtype]
+    mismatch = sorted(set(params) ^ set(meta.params)) or [
+        k for k in params if params[k].shape != meta.params[k].shape or params[k].dtype != meta.params[k].dtype
+    ]
     if mismatch:
-        raise RunError(f"{out / ADAPTED_POLICY} does not fit the policy of {run_dir} (parameters {', '.join(mismatch)} "
-                       "differ in name, shape or dtype); was it saved from another run?")
-    return AdaptedPolicy(meta.policy, params, task=info["task"], returns=info["returns"], episodes=info["episodes"],
-                         run_dir=run_dir, cfg=meta.cfg, action_space=meta.action_space,
-                         kept_step=info.get("kept_step"))
-
-
-def _read_adapted_info(path: Path) -> dict[str, Any]:
-    """``adapted.json`` checked: a JSON object with run_dir (str), task (object), returns (numbers),
-    episodes (int >= 1), optional kept_step (a step of returns) and run_dir_absolute (str)."""
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RunError(f"{path} cannot be read: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise RunError(f"{path} is not valid JSON{where}: it is damaged; re-run metarl adapt") from None
-    if not isinstance(info, dict):
-        raise RunError(f"{path} is not a metarl adapted.json (expected a JSON object, got {type(info).__name__})")
-
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    checks = {
-        "run_dir": (lambda v: isinstance(v, str) and v != "", "a path string"),
-        "task": (lambda v: isinstance(v, dict), "a JSON object"),
-        "returns": (lambda v: isinstance(v, list) and len(v) >= 1 and all(number(x) for x in v), "a list of numbers"),
-        "episodes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    }
-    for key, (ok, want) in checks.items():
-        if key not in info:
-            raise RunError(f"{path} is not a metarl adapted.json: key {key!r} is missing")
-        if not ok(info[key]):
-            raise RunError(f"{path}: {key!r} must be {want}, got {json.dumps(info[key])[:80]}")
-    kept, last = info.get("kept_step"), len(info["returns"]) - 1
-    if kept is not None and not (isinstance(kept, int) and not isinstance(kept, bool) and 0 <= kept <= last):
-        raise RunError(f"{path}: 'kept_step' must be an integer in [0, {last}], got {json.dumps(kept)[:80]}")
-    if not isinstance(info.get("run_dir_absolute", ""), str):
-        raise RunError(f"{path}: 'run_dir_absolute' must be a path string")
-    return info
-
-
-def _read_adapted_params(path: Path) -> dict[str, torch.Tensor]:
-    """``policy.pt`` with ``weights_only=True``: ``{"model": {name: tensor}}``, else a one-line RunError."""
-    if not path.is_file():
-        raise RunError(f"{path} is missing: the adapted-policy directory is incomplete; re-run metarl adapt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # damaged, truncated, or a pickle that wants to run code: torch's text spans lines
-        raise RunError(f"{path} cannot be read ({type(exc).__name__}): it is damaged or not a metarl adapted policy "
-                       "(nothing in it was run); re-run metarl adapt") from None
-    model = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(model, dict) or not model or \
-            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
-        raise RunError(f"{path} is not a metarl adapted policy (expected {{'model': {{name: tensor}}}})")
-    return dict(model)
-
-
-def _find_run(out: Path, info: dict[str, Any]) -> Path:
-    """The run of an adapted policy: ``run_dir`` relative to ``out`` (or absolute, as older files
-    stored it), else ``run_dir_absolute``; the first that is a run directory."""
-    stored = Path(info["run_dir"])
-    candidates = [stored if stored.is_absolute() else out / stored]
-    if info.get("run_dir_absolute"):
-        candidates.append(Path(info["run_dir_absolute"]))
-    for run in candidates:
-        if (run / CONFIG).is_file():
-            return run.resolve()
-    raise RunError(f"{out / ADAPTED_INFO} names the run {info['run_dir']}, but {candidates[0].resolve()} is not "
-                   "a metarl run directory (moved or deleted?); keep adapted policies inside their run's directory, "
-                   "or edit 'run_dir' in adapted.json")
+        raise RunError(
+            f"{out / ADAPTED_POLICY} does not fit the policy of {run_dir} (parameters {', '.join(mismatch)} "
+            "differ in name, shape or dtype); was it saved from another run?"
+        )
+    return AdaptedPolicy(
+        meta.policy,
+        params,
+        task=info["task"],
+        returns=info["returns"],
+        episodes=info["episodes"],
+        run_dir=run_dir,
+        cfg=meta.cfg,
+        action_space=meta.action_space,
+        kept_step=info.get("kept_step"),
+    )

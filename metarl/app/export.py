@@ -95,7 +95,9 @@ def to_sb3(
     ppo_kwargs = dict(ppo_kwargs or {})
     reserved = sorted(set(ppo_kwargs) & set(_RESERVED_PPO_KWARGS))
     if reserved:
-        raise ValueError(f"ppo_kwargs may not set {reserved}: to_sb3 derives {list(_RESERVED_PPO_KWARGS)} from the policy and env")
+        raise ValueError(
+            f"ppo_kwargs may not set {reserved}: to_sb3 derives {list(_RESERVED_PPO_KWARGS)} from the policy and env"
+        )
     if env_kwargs and not isinstance(env, str):
         raise ValueError(f"env_kwargs is only used with an env id, but env is a {type(env).__name__}")
     if isinstance(env, str):
@@ -171,18 +173,26 @@ def from_sb3(model: Any) -> Policy:
 
     sb3 = getattr(model, "policy", model)
     if not isinstance(sb3, ActorCriticPolicy):
-        raise ValueError(f"only actor-critic models with an ActorCriticPolicy (PPO, A2C) can be converted; "
-                         f"got a {type(model).__name__} whose policy is a {type(sb3).__name__}")
+        raise ValueError(
+            f"only actor-critic models with an ActorCriticPolicy (PPO, A2C) can be converted; "
+            f"got a {type(model).__name__} whose policy is a {type(sb3).__name__}"
+        )
     normalizer = model.get_vec_normalize_env() if hasattr(model, "get_vec_normalize_env") else None
     if normalizer is not None and normalizer.norm_obs:
-        raise ValueError("the model's env normalizes observations with VecNormalize(norm_obs=True), which happens outside "
-                         "the policy and cannot be represented; use norm_obs=False (reward normalization is fine)")
+        raise ValueError(
+            "the model's env normalizes observations with VecNormalize(norm_obs=True), which happens outside "
+            "the policy and cannot be represented; use norm_obs=False (reward normalization is fine)"
+        )
     if sb3.squash_output:
-        raise ValueError("squashed (tanh-bounded) action outputs (squash_output=True) are not supported; "
-                         "only an unsquashed diagonal Gaussian or a categorical actor converts")
+        raise ValueError(
+            "squashed (tanh-bounded) action outputs (squash_output=True) are not supported; "
+            "only an unsquashed diagonal Gaussian or a categorical actor converts"
+        )
     if sb3.use_sde:
-        raise ValueError("gSDE (use_sde=True) exploration noise is state-dependent and not supported; "
-                         "use use_sde=False (state-independent log_std)")
+        raise ValueError(
+            "gSDE (use_sde=True) exploration noise is state-dependent and not supported; "
+            "use use_sde=False (state-independent log_std)"
+        )
 
     obs_space, act_space = sb3.observation_space, sb3.action_space
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
@@ -190,31 +200,47 @@ def from_sb3(model: Any) -> Policy:
     extractors = [sb3.features_extractor] if sb3.share_features_extractor else [sb3.pi_features_extractor]
     for extractor in extractors:
         if any(True for _ in extractor.parameters()):
-            raise ValueError(f"the features extractor {type(extractor).__name__} has trainable layers "
-                             f"({'shared by actor and critic' if sb3.share_features_extractor else 'before the actor'}); "
-                             "only the parameter-free FlattenExtractor with the actor's layers in net_arch['pi'] is supported")
+            raise ValueError(
+                f"the features extractor {type(extractor).__name__} has trainable layers "
+                f"({'shared by actor and critic' if sb3.share_features_extractor else 'before the actor'}); "
+                "only the parameter-free FlattenExtractor with the actor's layers in net_arch['pi'] is supported"
+            )
         if type(extractor) is not FlattenExtractor:
-            raise ValueError(f"non-MLP policy: features extractor {type(extractor).__name__} is not supported; "
-                             "only MlpPolicy (FlattenExtractor) converts")
+            raise ValueError(
+                f"non-MLP policy: features extractor {type(extractor).__name__} is not supported; "
+                "only MlpPolicy (FlattenExtractor) converts"
+            )
     if type(sb3.mlp_extractor) is not MlpExtractor:
-        raise ValueError(f"custom mlp_extractor {type(sb3.mlp_extractor).__name__} is not supported (its actor may "
-                         "share layers with the critic); only SB3's MlpExtractor with net_arch=dict(pi=..., vf=...) converts")
+        raise ValueError(
+            f"custom mlp_extractor {type(sb3.mlp_extractor).__name__} is not supported (its actor may "
+            "share layers with the critic); only SB3's MlpExtractor with net_arch=dict(pi=..., vf=...) converts"
+        )
 
     policy_net = sb3.mlp_extractor.policy_net
-    value_params = {id(p) for p in sb3.mlp_extractor.value_net.parameters()} | {id(p) for p in sb3.value_net.parameters()}
+    value_params = {id(p) for p in sb3.mlp_extractor.value_net.parameters()} | {
+        id(p) for p in sb3.value_net.parameters()
+    }
     if any(id(p) in value_params for p in [*policy_net.parameters(), *sb3.action_net.parameters()]):
-        raise ValueError("the actor shares layers with the critic (policy_net and value_net hold the same parameters); "
-                         "only separate actor layers (net_arch=dict(pi=..., vf=...)) are supported")
+        raise ValueError(
+            "the actor shares layers with the critic (policy_net and value_net hold the same parameters); "
+            "only separate actor layers (net_arch=dict(pi=..., vf=...)) are supported"
+        )
     modules = list(policy_net)
     linears = modules[0::2]
     activations = modules[1::2]
     if len(linears) != len(activations) or not all(type(m) is nn.Linear for m in linears):
-        raise ValueError(f"policy_net must alternate Linear and activation layers, got {[type(m).__name__ for m in modules]}")
+        raise ValueError(
+            f"policy_net must alternate Linear and activation layers, got {[type(m).__name__ for m in modules]}"
+        )
     act_types = {type(m) for m in activations}
     if len(act_types) > 1 or not act_types <= set(_FROM_SB3_ACTIVATION):
-        raise ValueError(f"activation {sorted(t.__name__ for t in act_types)} is not supported; "
-                         f"supported: {sorted(t.__name__ for t in _FROM_SB3_ACTIVATION)}")
-    activation = _FROM_SB3_ACTIVATION[act_types.pop()] if act_types else _FROM_SB3_ACTIVATION.get(sb3.activation_fn, "tanh")
+        raise ValueError(
+            f"activation {sorted(t.__name__ for t in act_types)} is not supported; "
+            f"supported: {sorted(t.__name__ for t in _FROM_SB3_ACTIVATION)}"
+        )
+    activation = (
+        _FROM_SB3_ACTIVATION[act_types.pop()] if act_types else _FROM_SB3_ACTIVATION.get(sb3.activation_fn, "tanh")
+    )
     hidden = [m.out_features for m in linears]
     obs_dim = obs_space.shape[0]
 
@@ -223,13 +249,17 @@ def from_sb3(model: Any) -> Policy:
         log_std = sb3.log_std.detach().cpu()
         # keep the min_std clamp below every log_std, so the copy acts exactly as SB3's
         min_std = min(1e-6, 0.5 * math.exp(float(log_std.min())))
-        ours: Policy = GaussianMLPPolicy(obs_dim, act_space.shape[0], hidden=hidden, activation=activation, min_std=min_std)
+        ours: Policy = GaussianMLPPolicy(
+            obs_dim, act_space.shape[0], hidden=hidden, activation=activation, min_std=min_std
+        )
     elif type(dist) is CategoricalDistribution and isinstance(act_space, gym.spaces.Discrete):
         log_std = None
         ours = CategoricalMLPPolicy(obs_dim, int(act_space.n), hidden=hidden, activation=activation)
     else:
-        raise ValueError(f"action distribution {type(dist).__name__} for {act_space} is not supported; supported: "
-                         "DiagGaussianDistribution for Box(shape=(n,)), CategoricalDistribution for Discrete")
+        raise ValueError(
+            f"action distribution {type(dist).__name__} for {act_space} is not supported; supported: "
+            "DiagGaussianDistribution for Box(shape=(n,)), CategoricalDistribution for Discrete"
+        )
 
     with torch.no_grad():
         for dst, src in zip([*ours.layers, ours.out], [*linears, sb3.action_net], strict=True):
@@ -249,20 +279,28 @@ def _source_params(policy: Policy, params: Mapping[str, torch.Tensor] | None) ->
         raise ValueError(f"params must have the policy's parameter names {sorted(own)}, got {sorted(params)}")
     for name, value in own.items():
         if tuple(params[name].shape) != tuple(value.shape):
-            raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)}, the policy's is {tuple(value.shape)} "
-                             "(task-batched parameter dicts convert one task at a time: pass {k: v[i] for k, v in params.items()})")
+            raise ValueError(
+                f"params[{name!r}] has shape {tuple(params[name].shape)}, the policy's is {tuple(value.shape)} "
+                "(task-batched parameter dicts convert one task at a time: pass {k: v[i] for k, v in params.items()})"
+            )
     return dict(params)
 
 
 def _check_spaces(policy: Policy, obs_space: gym.Space, act_space: gym.Space) -> None:
     """Raise ``ValueError`` when the env's spaces do not fit the policy's input and output sizes."""
     if not isinstance(obs_space, gym.spaces.Box) or obs_space.shape != (policy.obs_dim,):
-        raise ValueError(f"env observation space {obs_space} does not fit the policy: "
-                         f"expected Box(shape=({policy.obs_dim},)) for obs_dim={policy.obs_dim}")
+        raise ValueError(
+            f"env observation space {obs_space} does not fit the policy: "
+            f"expected Box(shape=({policy.obs_dim},)) for obs_dim={policy.obs_dim}"
+        )
     if isinstance(policy, GaussianMLPPolicy):
         if not isinstance(act_space, gym.spaces.Box) or act_space.shape != (policy.act_dim,):
-            raise ValueError(f"env action space {act_space} does not fit the GaussianMLPPolicy: "
-                             f"expected Box(shape=({policy.act_dim},)) for act_dim={policy.act_dim}")
+            raise ValueError(
+                f"env action space {act_space} does not fit the GaussianMLPPolicy: "
+                f"expected Box(shape=({policy.act_dim},)) for act_dim={policy.act_dim}"
+            )
     elif not isinstance(act_space, gym.spaces.Discrete) or int(act_space.n) != policy.num_actions:
-        raise ValueError(f"env action space {act_space} does not fit the CategoricalMLPPolicy: "
-                         f"expected Discrete({policy.num_actions})")
+        raise ValueError(
+            f"env action space {act_space} does not fit the CategoricalMLPPolicy: "
+            f"expected Discrete({policy.num_actions})"
+        )

@@ -20,6 +20,7 @@ a local Ray with ``num_workers`` CPUs and no dashboard; ``address="auto"`` or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -46,8 +47,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                              "log_to_driver": True, "configure_logging": True}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+        "configure_logging": True,
+    }
     if address is None:
         kwargs["num_cpus"] = num_cpus
         # the sampler's workers import metarl, envs and agents from the project root
@@ -67,21 +72,37 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 class _RolloutWorker:
     """Body of the Ray actor: a VectorSampler and the policy module (parameters sent per call)."""
 
-    def __init__(self, env_id: str, policy: torch.nn.Module, episodes_per_task: int, horizon: int | None,
-                 env_kwargs: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        env_id: str,
+        policy: torch.nn.Module,
+        episodes_per_task: int,
+        horizon: int | None,
+        env_kwargs: Mapping[str, Any],
+    ) -> None:
         from metarl.rl.sampling.vector import VectorSampler
 
         torch.set_num_threads(1)
         self.policy = policy
-        self.sampler = VectorSampler(env_id, episodes_per_task=episodes_per_task, horizon=horizon,
-                                     env_kwargs=env_kwargs)
+        self.sampler = VectorSampler(
+            env_id, episodes_per_task=episodes_per_task, horizon=horizon, env_kwargs=env_kwargs
+        )
 
     def pid(self) -> int:
         return os.getpid()
 
-    def sample(self, params: Mapping[str, np.ndarray], tasks: Sequence[dict[str, Any]], seeds: Sequence[int],
-               per_task: bool, lo: int, hi: int) -> dict[str, np.ndarray]:
-        tensors = {k: torch.from_numpy(np.array(v[lo:hi] if per_task else v)) for k, v in params.items()}  # writable copies
+    def sample(
+        self,
+        params: Mapping[str, np.ndarray],
+        tasks: Sequence[dict[str, Any]],
+        seeds: Sequence[int],
+        per_task: bool,
+        lo: int,
+        hi: int,
+    ) -> dict[str, np.ndarray]:
+        tensors = {
+            k: torch.from_numpy(np.array(v[lo:hi] if per_task else v)) for k, v in params.items()
+        }  # writable copies
         episodes = self.sampler.sample(self.policy, tensors, tasks, seeds, per_task=per_task)
         return {k: v.numpy() for k, v in episodes._asdict().items() if v is not None}
 
@@ -138,9 +159,11 @@ class RaySampler:
         except ray.exceptions.GetTimeoutError:
             free = ray.available_resources().get("CPU", 0)
             self.close()
-            raise RuntimeError(f"could not start {num_workers} rollout workers within {start_timeout_s:.0f} s: each "
-                               f"needs one CPU and the Ray cluster has {free:g} free; lower ray.num_workers or "
-                               f"add nodes") from None
+            raise RuntimeError(
+                f"could not start {num_workers} rollout workers within {start_timeout_s:.0f} s: each "
+                f"needs one CPU and the Ray cluster has {free:g} free; lower ray.num_workers or "
+                f"add nodes"
+            ) from None
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current actors (waits until they are up)."""
@@ -151,19 +174,27 @@ class RaySampler:
     def _replace(self, index: int, error: BaseException, share: tuple[int, int]) -> None:
         import ray
 
-        try:
+        with contextlib.suppress(Exception):  # already gone
             ray.kill(self.workers[index], no_restart=True)
-        except Exception:  # already gone
-            pass
         self.workers[index] = self._remote_cls.remote(*self._args)
-        event = {"event": "worker_replaced", "worker": index, "tasks": list(share), "time": time.time(),
-                 "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+        event = {
+            "event": "worker_replaced",
+            "worker": index,
+            "tasks": list(share),
+            "time": time.time(),
+            "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+        }
         self.events.append(event)
         if self.on_event is not None:  # the owner reports it (metarl train prints one line and counts it)
             self.on_event(event)
         else:
-            log.warning("rollout worker %d died (%s); replaced it and re-sampling tasks %d..%d",
-                        index, event["error"], share[0], share[1] - 1)
+            log.warning(
+                "rollout worker %d died (%s); replaced it and re-sampling tasks %d..%d",
+                index,
+                event["error"],
+                share[0],
+                share[1] - 1,
+            )
 
     def sample(
         self,
@@ -201,19 +232,21 @@ class RaySampler:
             except (ActorDiedError, ActorUnavailableError, RayActorError) as error:
                 replacements += 1
                 if replacements > self.max_replacements:
-                    raise RuntimeError(f"rollout workers died {replacements} times in one sampling call; "
-                                       f"giving up (last error: {error})") from error
+                    raise RuntimeError(
+                        f"rollout workers died {replacements} times in one sampling call; "
+                        f"giving up (last error: {error})"
+                    ) from error
                 self._replace(i, error, shares[i])
                 pending[submit(i)] = i
-        parts = [Episodes(**{k: torch.from_numpy(np.array(v)) for k, v in results[i].items()}) for i in range(len(shares))]
+        parts = [
+            Episodes(**{k: torch.from_numpy(np.array(v)) for k, v in results[i].items()}) for i in range(len(shares))
+        ]
         return Episodes.cat(parts)
 
     def close(self) -> None:
         import ray
 
         for w in self.workers:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(w, no_restart=True)
-            except Exception:
-                pass
         self.workers = []
