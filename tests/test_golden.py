@@ -28,131 +28,25 @@ OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 
 COMMON = ["threads=1", "--no-progress"]
 # name -> (config, overrides); each is a few iterations of the real config, validation included.
+SIN = ["meta_batch_size=5", "eval.val_tasks=8", "eval.chunk=8", "eval.num_tasks=10", "eval.steps=2"]
+OMNI = ["meta_batch_size=2", "eval.val_tasks=4", "eval.chunk=4", "eval.num_tasks=4", "eval.steps=2",
+        "omniglot.filters=8", f"omniglot.root={OMNIGLOT}"]  # fmt: skip
+NAV = ["num_iterations=3", "meta_batch_size=4", "episodes_per_task=5"]
+NAV_EVAL = ["eval.every=3", "eval.val_tasks=4", "eval.num_tasks=4", "eval.steps=2"]
 RUNS: dict[str, tuple[str, list[str]]] = {
-    "sinusoid_maml": (
-        "experiments/sinusoid/maml.yaml",
-        [
-            "num_iterations=4",
-            "meta_batch_size=5",
-            "eval.every=2",
-            "eval.val_tasks=8",
-            "eval.chunk=8",
-            "eval.num_tasks=10",
-            "eval.steps=2",
-        ],
-    ),
-    "sinusoid_fomaml": (
-        "experiments/sinusoid/fomaml.yaml",
-        [
-            "num_iterations=3",
-            "meta_batch_size=5",
-            "eval.every=3",
-            "eval.val_tasks=8",
-            "eval.chunk=8",
-            "eval.num_tasks=10",
-            "eval.steps=2",
-        ],
-    ),
-    "sinusoid_reptile": (
-        "experiments/sinusoid/reptile.yaml",
-        [
-            "num_iterations=3",
-            "meta_batch_size=5",
-            "eval.every=3",
-            "eval.val_tasks=8",
-            "eval.chunk=8",
-            "eval.num_tasks=10",
-            "eval.steps=2",
-        ],
-    ),
-    "sinusoid_pretrain": (
-        "experiments/sinusoid/pretrain.yaml",
-        [
-            "num_iterations=3",
-            "meta_batch_size=5",
-            "eval.every=3",
-            "eval.val_tasks=8",
-            "eval.chunk=8",
-            "eval.num_tasks=10",
-            "eval.steps=2",
-        ],
-    ),
-    "omniglot_maml_5w1s": (
-        "experiments/omniglot/maml_5w1s.yaml",
-        [
-            "num_iterations=3",
-            "meta_batch_size=2",
-            "eval.every=3",
-            "eval.val_tasks=4",
-            "eval.chunk=4",
-            "eval.num_tasks=4",
-            "eval.steps=2",
-            "omniglot.filters=8",
-            f"omniglot.root={OMNIGLOT}",
-        ],
-    ),
-    "omniglot_reptile_5w1s": (
-        "experiments/omniglot/reptile_5w1s.yaml",
-        [
-            "num_iterations=2",
-            "meta_batch_size=2",
-            "eval.every=2",
-            "eval.val_tasks=4",
-            "eval.chunk=4",
-            "eval.num_tasks=4",
-            "eval.steps=2",
-            "omniglot.filters=8",
-            f"omniglot.root={OMNIGLOT}",
-        ],
-    ),
-    "navigation2d_maml_trpo": (
-        "experiments/navigation2d/maml_trpo.yaml",
-        [
-            "num_iterations=3",
-            "meta_batch_size=4",
-            "episodes_per_task=5",
-            "eval.every=3",
-            "eval.val_tasks=4",
-            "eval.num_tasks=4",
-            "eval.steps=2",
-        ],
-    ),
-    "navigation2d_fomaml": (
-        "experiments/navigation2d/fomaml.yaml",
-        [
-            "num_iterations=3",
-            "meta_batch_size=4",
-            "episodes_per_task=5",
-            "eval.every=3",
-            "eval.val_tasks=4",
-            "eval.num_tasks=4",
-            "eval.steps=2",
-        ],
-    ),
+    "sinusoid_maml": ("experiments/sinusoid/maml.yaml", ["num_iterations=4", "eval.every=2", *SIN]),
+    "sinusoid_fomaml": ("experiments/sinusoid/fomaml.yaml", ["num_iterations=3", "eval.every=3", *SIN]),
+    "sinusoid_reptile": ("experiments/sinusoid/reptile.yaml", ["num_iterations=3", "eval.every=3", *SIN]),
+    "sinusoid_pretrain": ("experiments/sinusoid/pretrain.yaml", ["num_iterations=3", "eval.every=3", *SIN]),
+    "omniglot_maml_5w1s": ("experiments/omniglot/maml_5w1s.yaml", ["num_iterations=3", "eval.every=3", *OMNI]),
+    "omniglot_reptile_5w1s": ("experiments/omniglot/reptile_5w1s.yaml", ["num_iterations=2", "eval.every=2", *OMNI]),
+    "navigation2d_maml_trpo": ("experiments/navigation2d/maml_trpo.yaml", [*NAV, *NAV_EVAL]),
+    "navigation2d_fomaml": ("experiments/navigation2d/fomaml.yaml", [*NAV, *NAV_EVAL]),
     "navigation2d_fomaml_adam": (
         "experiments/navigation2d/fomaml.yaml",
-        [
-            "num_iterations=3",
-            "meta_batch_size=4",
-            "episodes_per_task=5",
-            "outer.optimizer=adam",
-            "outer.lr=0.01",
-            "eval.num_tasks=4",
-            "eval.steps=1",
-        ],
+        [*NAV, "outer.optimizer=adam", "outer.lr=0.01", "eval.num_tasks=4", "eval.steps=1"],
     ),
-    "navigation2d_reptile": (
-        "experiments/navigation2d/reptile.yaml",
-        [
-            "num_iterations=3",
-            "meta_batch_size=4",
-            "episodes_per_task=5",
-            "eval.every=3",
-            "eval.val_tasks=4",
-            "eval.num_tasks=4",
-            "eval.steps=2",
-        ],
-    ),
+    "navigation2d_reptile": ("experiments/navigation2d/reptile.yaml", [*NAV, *NAV_EVAL]),
     "halfcheetah_vel_maml_trpo": (
         "experiments/halfcheetah_vel/maml_trpo.yaml",
         [
