@@ -19,6 +19,17 @@ from metarl.core.atomic import atomic_open
 from metarl.core.config import ConfigError, from_dict, to_dict
 from metarl.core.config_files import apply_overrides, dump_config
 from metarl.runs.load import load_experiment_config, load_run_config, make_experiment, restore
+from metarl.runs.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    RunError,
+    RunWriteError,
+    check_writable,
+    lock_run_dir,
+    read_metrics,
+    require_run_dir,
+    writing,
+)
 
 EXIT_USAGE = 2
 # keys that may change when resuming: they do not change the results
@@ -47,7 +58,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
-    from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError
 
     if (run_dir / CHECKPOINT).exists() or (run_dir / CONFIG).exists():
         raise RunError(
@@ -56,7 +66,6 @@ def _refuse_existing_run(run_dir: Path) -> None:
 
 
 def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
-    from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError, check_writable, lock_run_dir, require_run_dir, writing
 
     config_path, overrides = None, []
     for item in args.args:
@@ -118,7 +127,6 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         print(f"nothing to do: the run already reached num_iterations={cfg.num_iterations}", file=sys.stderr)
         return 0
     exp.train(run_dir, start=start, progress=not args.no_progress)  # `held` closes exp and frees the lock
-    from metarl.runs.rundir import read_metrics
 
     last = read_metrics(run_dir)[-1]
     shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("train/", "val/", "return/"))}
@@ -128,7 +136,6 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from metarl.runs.rundir import RunError, check_writable, require_run_dir
 
     run_dir = require_run_dir(args.run_dir)
     if args.num_tasks is not None and args.num_tasks < 1:
@@ -168,7 +175,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically; a failure is one RunWriteError line naming the path."""
-    from metarl.runs.rundir import writing
 
     with writing(path), atomic_open(path, "w") as f:
         f.write(text)
@@ -221,7 +227,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from metarl.app.plot import plot_runs
-    from metarl.runs.rundir import writing
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "curves.png"
     try:
@@ -236,7 +241,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from metarl.app.adapt import ADAPTED_INFO, load, load_adapted
     from metarl.app.export import to_sb3
-    from metarl.runs.rundir import RunWriteError, check_writable, require_run_dir
 
     source = require_run_dir(args.source, what="a metarl run directory or adapted-policy directory")
     target = Path(args.sb3)
@@ -272,7 +276,6 @@ def _evaluate_baselines(args, exp, run_dir: Path, iteration: int, num_tasks: int
 
     from metarl.app.comparisons import evaluate_with_baselines
     from metarl.app.plot import plot_adaptation
-    from metarl.runs.rundir import writing
 
     pretrain = args.pretrain_steps if args.pretrain_steps is not None else min(exp.env_steps, 1_000_000)
     if pretrain < 1 or args.oracle_steps < 1 or (args.oracle_tasks is not None and args.oracle_tasks < 1):
