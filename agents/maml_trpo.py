@@ -17,9 +17,10 @@ with respect to ``theta``, through the inner loop, and ``M`` the Hessian of the 
 parameters (diagonal for Gaussians). :meth:`MAMLTRPO.fisher_vector_product` computes
 ``J^T (M (J v))`` with two backward passes through graphs built once per meta-update, instead of
 differentiating the gradient of the KL again; the tests check it equals the plain Hessian-vector
-product of the KL. ``fvp_subsample`` uses the first fraction of each task's episodes for the
-products, as TRPO implementations commonly do (OpenAI baselines' TRPO uses every 5th sample);
-the gradient, the step size check and the line search use the whole batch and the exact KL.
+product of the KL. ``fvp_subsample < 1`` uses the first fraction of each task's episodes for the
+products, as TRPO implementations commonly do (OpenAI baselines' TRPO uses every 5th sample):
+an approximation of ``F``, not the reference's full-batch product (``fvp_subsample = 1``). The
+gradient, the step-size check and the line search always use the whole batch and the exact KL.
 
 The TRPO numerics (conjugate gradient, step size, line search) are :mod:`metarl.core.trpo`.
 """

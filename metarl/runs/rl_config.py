@@ -32,7 +32,12 @@ class TRPOConfig(ConfigModel):
     line_search_steps: int = option(15, ge=1, doc="Backtracking line-search steps.")
     line_search_ratio: float = option(0.8, gt=0, lt=1, doc="Step shrink factor of the line search.")
     fvp_subsample: float = option(
-        0.2, gt=0, le=1, doc="Fraction of each task's episodes used for Fisher-vector products (1: all)."
+        0.2,
+        gt=0,
+        le=1,
+        doc="Fraction of each task's episodes used for Fisher-vector products: 1 is the exact full-batch product "
+        "of the reference implementations; below 1 an approximation of it (faster; the line search still checks "
+        "the exact KL).",
     )
 
 
