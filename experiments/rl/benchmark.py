@@ -149,9 +149,10 @@ def main() -> None:
             row["overrides"] = overrides
         # re-read before writing: other benchmark processes may have recorded other runs meanwhile
         record = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": {}}
+        # machine and date per record: the file-level ones describe the records that have none
+        row["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        row["date"] = time.strftime("%Y-%m-%d")
         record["results"][key] = row
-        record["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-        record["date"] = time.strftime("%Y-%m-%d")
         RESULTS.write_text(json.dumps(record, indent=1) + "\n")
         shown = {k: v for k, v in record["results"][key].items() if k != "curve"}
         print(json.dumps({key: shown}), flush=True)
