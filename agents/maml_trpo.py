@@ -37,7 +37,14 @@ from agents.maml import MAML
 from metarl.core.functional import Params, adapt, inner_lrs
 from metarl.core.learner import register
 from metarl.core.trpo import conjugate_gradient, flatten, line_search, trpo_step_size, unflatten
-from metarl.rl.objective import PolicyGradientObjective, RLBatch, StepData, expand_to_tasks, masked_task_mean
+from metarl.rl.objective import (
+    PolicyGradientObjective,
+    RLBatch,
+    StepData,
+    expand_to_tasks,
+    masked_task_mean,
+    surrogate_of,
+)
 
 
 class MAMLTRPO(MAML):
@@ -89,12 +96,9 @@ class MAMLTRPO(MAML):
         """Outer surrogate loss and mean KL to the old adapted policies, both scalars."""
         phi = self.adapt(theta, train)
         eps = valid.episodes
-        outputs = self.policy.outputs(eps.observations, phi)
-        dist = self.policy.distribution(outputs)
-        ratio = torch.exp(dist.log_prob(eps.actions) - eps.log_probs)
-        surrogate = -masked_task_mean(ratio * valid.advantages, eps.mask).mean()
+        dist = self.policy.distribution(self.policy.outputs(eps.observations, phi))
         kl = torch.distributions.kl_divergence(self.policy.distribution(old_outputs), dist)
-        return surrogate, masked_task_mean(kl, eps.mask).mean()
+        return surrogate_of(dist, valid), masked_task_mean(kl, eps.mask).mean()
 
     def old_outputs(self, theta: Params, train: Sequence[StepData], valid: StepData) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():

@@ -19,6 +19,7 @@ from metarl.core.atomic import atomic_open
 from metarl.core.config import ConfigError, from_dict, to_dict
 from metarl.core.config_files import apply_overrides, dump_config
 from metarl.runs.load import load_experiment_config, load_run_config, make_experiment, restore
+from metarl.runs.rl_config import RLConfig
 from metarl.runs.rundir import (
     CHECKPOINT,
     CONFIG,
@@ -147,12 +148,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for where in [run_dir] + ([Path(args.json).parent] if args.json else []):
         check_writable(where)  # the results are written at the end: fail now, not after the evaluation
     cfg = load_run_config(run_dir)
+    if args.baselines and not isinstance(cfg, RLConfig):
+        raise ConfigError("--baselines compares meta-RL policies; this is a few-shot run")
     exp, iteration = restore(cfg, run_dir)
     steps = cfg.eval.steps if args.steps is None else args.steps
     num_tasks = cfg.eval.num_tasks if args.num_tasks is None else args.num_tasks
     t0 = time.perf_counter()
-    if args.baselines and exp.metric != "return":
-        raise ConfigError("--baselines compares meta-RL policies; this is a few-shot run")
     try:
         if args.baselines:
             return _evaluate_baselines(args, exp, run_dir, iteration, num_tasks, steps)

@@ -67,6 +67,14 @@ def masked_task_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1.0)
 
 
+def surrogate_of(dist: torch.distributions.Distribution, valid: StepData) -> torch.Tensor:
+    """The surrogate of ``dist`` (the adapted policies' distributions ``[N, H, E]`` at the validation
+    steps) against the log-probs that sampled ``valid``: a scalar, mean over tasks."""
+    eps = valid.episodes
+    ratio = torch.exp(dist.log_prob(eps.actions) - eps.log_probs)
+    return -masked_task_mean(ratio * valid.advantages, eps.mask).mean()
+
+
 class PolicyGradientObjective:
     """Support loss (REINFORCE) and query loss (surrogate) of a policy over a meta-batch of tasks."""
 
@@ -96,9 +104,7 @@ class PolicyGradientObjective:
 
     def surrogate(self, phi: Params, valid: StepData) -> torch.Tensor:
         """Importance-weighted surrogate of the adapted policies on their validation episodes (scalar)."""
-        eps = valid.episodes
-        ratio = torch.exp(self.policy(eps.observations, phi).log_prob(eps.actions) - eps.log_probs)
-        return -masked_task_mean(ratio * valid.advantages, eps.mask).mean()
+        return surrogate_of(self.policy(valid.episodes.observations, phi), valid)
 
     def meta_loss(
         self, params: Params, batch: RLBatch, *, lrs: Sequence[float], first_order: bool
