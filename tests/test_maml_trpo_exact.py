@@ -24,6 +24,7 @@ import math
 import gymnasium as gym
 import pytest
 import torch
+from test_rl import double  # float64 copies of sampled episodes
 
 import agents.maml_trpo as maml_trpo
 from agents.maml_trpo import MAMLTRPO
@@ -40,10 +41,6 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _double(ep: Episodes) -> Episodes:
-    return Episodes(*(x.double() if x is not None and x.is_floating_point() else x for x in ep))
 
 
 def make_batch(*, lrs=(0.5,), n=2, e=4, horizon=10, seed=0, hidden=(4,), **trpo):
@@ -71,7 +68,7 @@ def make_batch(*, lrs=(0.5,), n=2, e=4, horizon=10, seed=0, hidden=(4,), **trpo)
         params = learner.adapt(learner.theta(), train, lrs=lrs[:s], first_order=True) if s else policy.params()
         params = {k: v.detach().float() for k, v in params.items()}
         policy.float()  # theta starts in float32, so the round trip is exact
-        ep = _double(sampler.sample(policy, params, tasks, task_seeds(seed, s, n=n), per_task=s > 0))
+        ep = double(sampler.sample(policy, params, tasks, task_seeds(seed, s, n=n), per_task=s > 0))
         if s < len(lrs):
             train.append(data(ep))
     policy.double()
