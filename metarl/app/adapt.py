@@ -43,6 +43,8 @@ from metarl.app.video import VideoUnavailable, record_video
 from metarl.core.atomic import atomic_open
 from metarl.core.functional import inner_lrs
 from metarl.runs.experiment import TEST, TRAIN
+from metarl.runs.load import load_run_config, restore
+from metarl.runs.rl_config import RLConfig
 from metarl.runs.rundir import RunError, check_writable, require_run_dir, writing
 
 KEEP = ("last", "best")
@@ -275,11 +277,8 @@ def default_adapted_dir(run_dir: str | Path) -> Path:
 
 def load(run_dir: str | Path) -> MetaPolicy:
     """The meta-policy of a meta-RL run directory (its latest checkpoint)."""
-    from metarl.runs.load import load_run_config, restore
-    from metarl.runs.rl_config import RLConfig
-
-    run_dir = require_run_dir(run_dir)
-    cfg = load_run_config(run_dir)
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)  # one line for a missing directory or config
     if not isinstance(cfg, RLConfig):
         raise RunError(f"{run_dir} is a few-shot run ({cfg.family}); use metarl.app.classifier.FewShotClassifier")
     cfg.device = "cpu"
