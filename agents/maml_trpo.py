@@ -3,8 +3,11 @@
 The inner loop and the surrogate are the RL objective's (:mod:`metarl.rl.objective`). The outer
 objective, on validation episodes ``V_i`` sampled with ``phi_i(theta_old)``::
 
-    surrogate(theta) = mean_i  - sum_t mask * exp(log pi_{phi_i(theta)}(a|s) - log pi_old(a|s)) * A_t / sum mask
-    kl(theta)        = mean_i  sum_t mask * KL(pi_{phi_i(theta_old)} || pi_{phi_i(theta)}) / sum mask
+    surrogate(theta) = mean_i  - mean_V_i[ exp(log pi_{phi_i(theta)}(a|s) - log pi_old(a|s)) * A_t ]
+    kl(theta)        = mean_i  mean_V_i[ KL(pi_{phi_i(theta_old)} || pi_{phi_i(theta)}) ]
+
+(``mean_V_i``: the task mean over the validation steps, per step or per episode as configured:
+:func:`metarl.rl.objective.task_mean`)
 
 minimised with a trust region ``kl <= max_kl``: ``g = grad surrogate`` through the inner loop,
 ``x = F^-1 g`` by conjugate gradient with Fisher-vector products ``F v``, step ``-beta x`` with
@@ -42,7 +45,6 @@ from metarl.rl.objective import (
     RLBatch,
     StepData,
     expand_to_tasks,
-    masked_task_mean,
     surrogate_of,
 )
 
@@ -98,7 +100,7 @@ class MAMLTRPO(MAML):
         eps = valid.episodes
         dist = self.policy.distribution(self.policy.outputs(eps.observations, phi))
         kl = torch.distributions.kl_divergence(self.policy.distribution(old_outputs), dist)
-        return surrogate_of(dist, valid), masked_task_mean(kl, eps.mask).mean()
+        return surrogate_of(dist, valid), valid.mean(kl).mean()
 
     def old_outputs(self, theta: Params, train: Sequence[StepData], valid: StepData) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
@@ -119,7 +121,7 @@ class MAMLTRPO(MAML):
         f = self.fvp_subsample
         valid_sub = valid.head(f)
         eps = valid_sub.episodes
-        weights = eps.mask / eps.mask.sum((1, 2), keepdim=True).clamp(min=1.0) / eps.num_tasks
+        weights = valid_sub.step_weights() / eps.num_tasks
         with torch.enable_grad():
             th = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
             if f < 1 and not self.first_order:

@@ -25,6 +25,8 @@ from metarl.core.metalearning import batch_objective, linear_anneal
 class Reptile(Learner):
     """Reptile with a linearly annealed outer step size ``epsilon``."""
 
+    uses_query = False  # the validation episodes of an RL batch are only logged
+
     def __init__(
         self,
         model: nn.Module,

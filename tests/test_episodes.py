@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metarl.rl.advantages import compute_advantages, discounted_returns, gae, normalize_advantages
+from metarl.rl import value_baselines
+from metarl.rl.advantages import (
+    bootstrap_discounts,
+    compute_advantages,
+    discounted_returns,
+    gae,
+    normalize_advantages,
+)
 from metarl.rl.episodes import Episodes
 from metarl.rl.value_baselines import MAX_REG_RETRIES, LinearFeatureBaseline
 
@@ -399,14 +406,31 @@ def test_fit_retries_with_larger_reg_when_singular():
     assert_close(w[1], w_true[1], rtol=1e-6, atol=1e-6)
 
 
+def test_fit_solves_a_batch_of_ant_sized_systems_as_one_at_a_time():
+    """A batched LU solve of such systems fails inside MKL with 2 threads (torch 2.13 CPU); the
+    fit solves them all, as each task alone would, and as the normal equations say."""
+    ep = random_episodes([[40, 25, 40], [40, 40, 12], [33, 40, 40]], horizon=40, obs_dim=105, seed=40)
+    obs = ep.observations.clone()
+    obs[..., 60:] = 0.0  # Ant's contact forces: mostly exact zeros, so many features are 0
+    ep = ep._replace(observations=obs * ep.mask.unsqueeze(-1))
+    returns = discounted_returns(ep.rewards, ep.mask, 0.99)
+    baseline = LinearFeatureBaseline()
+    w = baseline.fit(ep, returns)
+    for i in range(3):
+        assert_close(w[i : i + 1], baseline.fit(ep.task(i), returns[i : i + 1]))
+        x = baseline.features(ep.task(i).observations, ep.task(i).mask).reshape(-1, w.shape[1])
+        normal = x.T @ x + 1e-5 * torch.eye(w.shape[1], dtype=x.dtype)
+        assert_close(normal @ w[i], x.T @ returns[i].reshape(-1), rtol=1e-6, atol=1e-6)
+
+
 def test_fit_raises_after_retries(monkeypatch):
     calls = []
 
-    def never_finite(a, b):
+    def never_finite(a, b, *, symmetric):
         calls.append(a.clone())
         return torch.full_like(b, float("nan")), torch.zeros(a.shape[0], dtype=torch.int32)
 
-    monkeypatch.setattr(torch.linalg, "solve_ex", never_finite)
+    monkeypatch.setattr(value_baselines, "_solve", never_finite)
     ep = random_episodes([[3, 3]], horizon=3, seed=11)
     with pytest.raises(RuntimeError, match=r"not finite for tasks \[0\] after 5 retries"):
         LinearFeatureBaseline(reg_coeff=1e-5).fit(ep, discounted_returns(ep.rewards, ep.mask, 0.9))
@@ -498,18 +522,79 @@ def test_cat_concatenates_tasks_and_rejects_mismatches():
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_compute_advantages_is_the_composition_of_the_pieces(normalize):
+@pytest.mark.parametrize("bootstrap", [False, True])
+def test_compute_advantages_is_the_composition_of_the_pieces(normalize, bootstrap):
     ep = random_episodes([[5, 2, 7, 7], [7, 1, 4, 6], [3, 7, 7, 7]], horizon=7, obs_dim=3, seed=18, dtype=torch.float32)
     baseline = LinearFeatureBaseline()
     gamma, lam = 0.99, 0.95
-    got = compute_advantages(ep, baseline, gamma=gamma, gae_lambda=lam, normalize=normalize)
+    got = compute_advantages(
+        ep, baseline, gamma=gamma, gae_lambda=lam, normalize=normalize, bootstrap_truncated=bootstrap
+    )
     assert got.shape == (3, 7, 4) and got.dtype == torch.float32
     assert (got[ep.mask == 0] == 0).all()
     expected = []
     for i in range(ep.num_tasks):  # one task at a time, from the pieces
         t = ep.task(i)
-        weights = baseline.fit(t, discounted_returns(t.rewards, t.mask, gamma))
+        returns = discounted_returns(t.rewards, t.mask, gamma)
+        if bootstrap:
+            weights = baseline.fit(t, returns, bootstrap_discounts=bootstrap_discounts(t, gamma))
+            terminated = t.terminated
+        else:
+            weights = baseline.fit(t, returns)
+            terminated = torch.ones_like(t.terminated)
         values, final_values = baseline.values(t, weights)
-        adv = gae(t.rewards, values, t.mask, terminated=t.terminated, final_values=final_values, gamma=gamma, lam=lam)
+        adv = gae(t.rewards, values, t.mask, terminated=terminated, final_values=final_values, gamma=gamma, lam=lam)
         expected.append(normalize_advantages(adv, t.mask) if normalize else adv)
     assert_close(got, torch.cat(expected))
+
+
+def test_bootstrap_discounts_by_hand():
+    ep = random_episodes([[3, 1, 2]], horizon=3, seed=30)
+    ep = ep._replace(terminated=torch.tensor([[False, False, True]]))
+    got = bootstrap_discounts(ep, 0.5)
+    # episode 0 (L=3, truncated): 0.5^3, 0.5^2, 0.5; episode 1 (L=1): 0.5, 0, 0; episode 2 terminated: 0
+    want = torch.tensor([[[0.125, 0.5, 0.0], [0.25, 0.0, 0.0], [0.5, 0.0, 0.0]]], dtype=torch.float64)
+    assert_close(got, want)
+
+
+def test_by_default_no_value_follows_an_episodes_last_step():
+    """The horizon is part of the task: with lambda 1 the advantage is the finite-horizon return
+    minus the baseline fitted to it, whatever the final observation or the termination flag."""
+    ep = random_episodes([[6, 6, 3, 6], [2, 6, 6, 5]], horizon=6, obs_dim=2, seed=31)
+    baseline = LinearFeatureBaseline()
+    gamma = 0.9
+    got = compute_advantages(ep, baseline, gamma=gamma, gae_lambda=1.0, normalize=False)
+    returns = torch.zeros_like(ep.rewards)  # by hand, backwards within each episode
+    for n in range(2):
+        for e in range(4):
+            g = 0.0
+            for t in range(int(ep.lengths[n, e]) - 1, -1, -1):
+                g = float(ep.rewards[n, t, e]) + gamma * g
+                returns[n, t, e] = g
+    values, _ = baseline.values(ep, baseline.fit(ep, returns))
+    assert_close(got, (returns - values) * ep.mask)
+    moved = ep._replace(final_observations=ep.final_observations + 100.0, terminated=~ep.terminated)
+    assert_close(compute_advantages(moved, baseline, gamma=gamma, gae_lambda=1.0, normalize=False), got)
+
+
+def test_bootstrapped_baseline_is_fitted_to_its_own_bootstrapped_returns():
+    """With a time limit outside the task, truncated episodes continue with V(final observation),
+    and the baseline's weights reproduce themselves when refitted (plain ridge) to those targets."""
+    ep = random_episodes([[6, 6, 3, 6], [2, 6, 6, 5]], horizon=6, obs_dim=2, seed=32)
+    ep = ep._replace(terminated=torch.tensor([[False, False, True, False], [True, False, False, True]]))
+    baseline = LinearFeatureBaseline(reg_coeff=1e-3)
+    gamma = 0.9
+    returns = discounted_returns(ep.rewards, ep.mask, gamma)
+    w = baseline.fit(ep, returns, bootstrap_discounts=bootstrap_discounts(ep, gamma))
+    values, final_values = baseline.values(ep, w)
+    targets = returns.clone()
+    for n in range(2):
+        for e in range(4):
+            length = int(ep.lengths[n, e])
+            if not ep.terminated[n, e]:
+                for t in range(length):
+                    targets[n, t, e] += gamma ** (length - t) * final_values[n, e]
+    assert_close(baseline.fit(ep, targets), w)  # a fixed point of the ridge regression
+    assert not torch.allclose(baseline.fit(ep, returns), w)  # and not the plain fit
+    got = compute_advantages(ep, baseline, gamma=gamma, gae_lambda=1.0, normalize=False, bootstrap_truncated=True)
+    assert_close(got, (targets - values) * ep.mask)  # lambda 1: bootstrapped return minus the baseline

@@ -82,6 +82,24 @@ def test_gaussian_to_sb3_matches_mean_and_log_std(activation):
     )
 
 
+def test_action_scale_is_folded_into_the_sb3_actor():
+    """A policy trained with action_scale 10 acts in [-10, 10]; SB3's copy acts in the env's units."""
+    torch.manual_seed(0)
+    env = gym.make("metarl/HalfCheetahVel-v0")
+    policy = make_policy(env.observation_space, env.action_space, hidden=(16,), init_std=1.0)
+    model = to_sb3(policy, env, ppo_kwargs=SMALL, action_scale=10.0)
+    obs = _obs(32, env.observation_space.shape[0])
+    with torch.no_grad():
+        ours = policy(obs)
+    dist = _sb3_dist(model, obs)
+    torch.testing.assert_close(dist.mean, ours.mean / 10.0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dist.stddev, ours.stddev / 10.0, rtol=1e-5, atol=1e-7)
+    actions, _ = model.predict(obs.numpy(), deterministic=True)
+    np.testing.assert_allclose(actions, np.clip(ours.mean.numpy() / 10.0, -1, 1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="Box actions"):
+        to_sb3(*_categorical(), ppo_kwargs=SMALL, action_scale=2.0)
+
+
 def test_categorical_to_sb3_matches_logits_and_argmax():
     policy, env = _categorical()
     model = to_sb3(policy, env, ppo_kwargs=SMALL)

@@ -403,6 +403,17 @@ def test_reinforce_inner_loss_against_a_hand_computed_value():
     one = StepData(episodes.task(0), adv[:1])
     task0 = -sum(log_density(o[t], a[t]) * A[t] for o, a, A in steps[0] for t in range(len(o))) / 4
     assert objective.support_loss(policy.params(), one).item() == pytest.approx(task0, rel=1e-12)
+    # pytorch-maml-rl's form: each episode's mean over its steps, then the mean over the task's episodes
+    per_episode = 0.0
+    for task in steps:
+        means = [sum(log_density(o[t], a[t]) * A[t] for t in range(len(o))) / len(o) for o, a, A in task]
+        per_episode += -sum(means) / len(means)
+    assert per_episode != pytest.approx(expected, rel=1e-3)  # the lengths differ, so the two forms do
+    by_episode = StepData(episodes, adv, "episodes")
+    assert objective.support_loss(policy.params(), by_episode).item() == pytest.approx(per_episode, rel=1e-12)
+    weights = by_episode.step_weights()  # the same mean as weights of the steps (used by the Fisher products)
+    assert weights.sum((1, 2)).tolist() == pytest.approx([1.0, 1.0], rel=1e-12)
+    assert weights[1, :, 1].tolist() == pytest.approx([0.25, 0.25, 0.0], rel=1e-12)  # 1 / (E * length 2)
 
 
 # ----------------------------------------------------------------------------- 6. KL Hessians in the outputs

@@ -115,6 +115,47 @@ def test_fisher_vector_product_equals_the_hessian_of_the_kl():
         torch.testing.assert_close(fvp(v), hvp(v), rtol=1e-7, atol=1e-10)
 
 
+def shortened(data: StepData, lengths: torch.Tensor, average: str) -> StepData:
+    """``data`` with every episode cut to ``lengths [N, E]`` (as if it had ended there)."""
+    ep = data.episodes
+    mask = (torch.arange(ep.horizon).view(1, -1, 1) < lengths.unsqueeze(1)).to(ep.mask.dtype)
+    ep = ep._replace(mask=mask, lengths=lengths, rewards=ep.rewards * mask, log_probs=ep.log_probs * mask).check()
+    return StepData(ep, data.advantages * mask, average)
+
+
+def test_fisher_vector_product_equals_the_hessian_of_the_kl_averaged_per_episode():
+    """With losses averaged per episode (pytorch-maml-rl), F is the Hessian of that KL mean, and
+    the subsample's products are those of the KL mean over its first episodes."""
+    policy, learner, train, valid = tiny_batch(e=4)
+    n, e = valid.episodes.num_tasks, valid.episodes.episodes_per_task
+    lengths = torch.tensor([[12, 3, 7, 1], [5, 12, 2, 9], [1, 1, 12, 4]])
+    valid = shortened(valid, lengths, "episodes")
+    theta0 = learner.theta()
+    old = learner.old_outputs(theta0, train, valid)
+    theta = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
+    gen = torch.Generator().manual_seed(2)
+    for fraction, sub in ((1.0, valid), (0.5, valid.head(0.5))):
+        learner.fvp_subsample = fraction
+        learner.first_order = True  # the subsample's inner-loop Jacobian is checked elsewhere
+        fvp = learner.fisher_vector_product(theta0, train, valid)
+        old_sub = tuple(o[:, :, : sub.episodes.episodes_per_task] for o in old)
+        by_steps = sub._replace(average="steps")
+        hvp = make_hvp(
+            lambda p, sub=sub, old_sub=old_sub: learner.surrogate_and_kl(p, train, sub, old_sub)[1],
+            theta,
+            damping=learner.cg_damping,
+        )
+        steps = make_hvp(
+            lambda p, by_steps=by_steps, old_sub=old_sub: learner.surrogate_and_kl(p, train, by_steps, old_sub)[1],
+            theta,
+            damping=learner.cg_damping,
+        )
+        v = torch.randn(flatten(theta0).shape, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(fvp(v), hvp(v), rtol=1e-7, atol=1e-10)
+        assert (fvp(v) - steps(v)).norm() > 1e-2 * fvp(v).norm()  # the per-step mean is another matrix
+    assert n == 3 and e == 4
+
+
 def test_subsampled_fisher_vector_product_uses_the_first_episodes_at_the_full_batch_point():
     policy, learner, train, valid = tiny_batch(e=4)
     theta0 = learner.theta()
@@ -247,9 +288,14 @@ def test_one_iteration_smoke_runs(tmp_path, family, algorithm, extra):
     ):
         assert key in rows[-1], key
     steps = 2 if "inner.steps=2" in extra else 1
-    most = 2 * (steps + 1) * 2 * 2 * 10  # iterations x phases x tasks x episodes x horizon
+    learned_phases = steps if algorithm == "reptile" else steps + 1  # Reptile never uses the validation episodes
+    most = 2 * learned_phases * 2 * 2 * 10  # iterations x phases x tasks x episodes x horizon
     if family == "HalfCheetahVel":  # never terminates: every episode runs the horizon
         assert rows[-1]["env_steps"] == most
+        if algorithm == "reptile":  # its post-adaptation episodes are counted apart
+            assert rows[-1]["env_steps_monitoring"] == 2 * 2 * 2 * 10
+        else:
+            assert "env_steps_monitoring" not in rows[-1]
     else:  # a Navigation2D episode ends early when it reaches its goal
         assert 0 < rows[0]["env_steps"] < rows[1]["env_steps"] <= most
     result = metarl("evaluate", str(run), "--json", str(tmp_path / "eval.json"))

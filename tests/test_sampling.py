@@ -3,6 +3,8 @@ parameters, and Ray workers (equal to the in-process sampler, surviving a killed
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import signal
 import threading
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy, make_policy
+from metarl.rl.actions import env_actions
 from metarl.rl.sampling import VectorSampler, task_seeds
 
 NAV = "metarl/Navigation2D-v0"
@@ -114,6 +117,42 @@ def test_per_task_parameters_drive_their_own_tasks():
     assert equal(together, type(together).cat(alone))
     with pytest.raises(ValueError, match="leading dimension of 3"):
         sampler.sample(policies[0], policies[0].params(), tasks, seeds, per_task=True)
+
+
+def test_env_actions_map_the_scaled_range_onto_the_bounds_by_hand():
+    low, high = np.array([-1.0, -2.0]), np.array([1.0, 4.0])
+    # scale 10: offset (low + high) / 2 = [0, 1], slope (high - low) / 20 = [0.1, 0.3]
+    got = env_actions(np.array([[5.0, -20.0], [-10.0, 10.0], [0.0, 2.0]]), low, high, 10.0)
+    np.testing.assert_allclose(got, [[0.5, -2.0], [-1.0, 4.0], [0.0, 1.6]], rtol=1e-12)
+    np.testing.assert_allclose(env_actions(np.array([[5.0, -20.0]]), low, high, None), [[1.0, -2.0]])
+    with pytest.raises(ValueError, match="finite action bounds"):
+        env_actions(np.zeros((1, 1)), np.array([-np.inf]), np.array([1.0]), 2.0)
+
+
+def test_action_scale_samples_as_a_policy_shrunk_by_the_scale():
+    """HalfCheetah's bounds are [-1, 1]: with action_scale 10 the env gets clip(a, -10, 10) / 10, which
+    is what an unscaled sampler gives for the policy whose mean and std are divided by 10."""
+    scaled = VectorSampler(CHEETAH, episodes_per_task=2, horizon=10, action_scale=10.0)
+    plain = VectorSampler(CHEETAH, episodes_per_task=2, horizon=10)
+    policy = policy_for(plain, seed=4)
+    with torch.no_grad():
+        policy.log_std.fill_(math.log(8.0))  # wide: many actions beyond +-10, so the clip matters
+    shrunk = copy.deepcopy(policy)
+    with torch.no_grad():
+        shrunk.out.weight.div_(10.0)
+        shrunk.out.bias.div_(10.0)
+        shrunk.log_std.sub_(math.log(10.0))
+    tasks, seeds = tasks_of(CHEETAH, 2), task_seeds(0, 5, n=2)
+    a = scaled.sample(policy, policy.params(), tasks, seeds)
+    b = plain.sample(shrunk, shrunk.params(), tasks, seeds)
+    assert (a.actions.abs() > 10).any()
+    torch.testing.assert_close(a.actions / 10.0, b.actions, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.rewards, b.rewards, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.observations, b.observations, rtol=1e-4, atol=1e-4)
+    c = plain.sample(policy, policy.params(), tasks, seeds)  # the same policy without the scale acts otherwise
+    assert not torch.allclose(a.rewards, c.rewards, atol=1e-2)
+    with pytest.raises(ValueError, match="Box action space"):
+        VectorSampler("CartPole-v1", episodes_per_task=1, action_scale=2.0)
 
 
 def test_task_seeds_are_reproducible_and_distinct():

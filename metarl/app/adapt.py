@@ -42,6 +42,7 @@ from metarl.app.adapted_files import ADAPTED_INFO, ADAPTED_POLICY, find_run, rea
 from metarl.app.video import VideoUnavailable, record_video
 from metarl.core.atomic import atomic_open
 from metarl.core.functional import inner_lrs
+from metarl.rl.actions import env_actions
 from metarl.runs.experiment import TEST, TRAIN
 from metarl.runs.load import load_run_config, restore
 from metarl.runs.rl_config import RLConfig
@@ -74,8 +75,8 @@ class _Acting:
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        """Action(s) for an observation ``[obs_dim]`` or a batch ``[B, obs_dim]``; continuous
-        actions are clipped to the action space."""
+        """Env action(s) for an observation ``[obs_dim]`` or a batch ``[B, obs_dim]``; continuous
+        actions are clipped to the action space, or mapped onto it with the run's ``action_scale``."""
         x = torch.as_tensor(np.asarray(obs), dtype=torch.float32)
         dist = self.policy(x, self.params)
         if deterministic:
@@ -85,7 +86,7 @@ class _Acting:
         action = action.numpy()
         space = self.action_space
         if isinstance(space, gym.spaces.Box):
-            action = np.clip(action, space.low, space.high).astype(space.dtype)
+            action = env_actions(action, space.low, space.high, self.cfg.action_scale).astype(space.dtype)
         return action
 
 

@@ -258,7 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         what = "the meta-policy"
     env_kwargs = dict(cfg.env)
     try:
-        to_sb3(policy, cfg.env_id, params=params, env_kwargs=env_kwargs, path=target)
+        to_sb3(policy, cfg.env_id, params=params, env_kwargs=env_kwargs, path=target, action_scale=cfg.action_scale)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     print(

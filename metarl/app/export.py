@@ -39,6 +39,7 @@ from torch import nn
 
 from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy
 from metarl.core.atomic import atomic_open
+from metarl.rl.actions import action_affine
 
 if TYPE_CHECKING:
     from stable_baselines3 import PPO
@@ -63,6 +64,7 @@ def to_sb3(
     env_kwargs: Mapping[str, Any] | None = None,
     vf_hidden: Sequence[int] | None = None,
     ppo_kwargs: Mapping[str, Any] | None = None,
+    action_scale: float | None = None,
 ) -> PPO:
     """A :class:`stable_baselines3.PPO` model whose actor equals ``policy``.
 
@@ -84,6 +86,11 @@ def to_sb3(
         ppo_kwargs: further keyword arguments for ``PPO(...)`` (``learning_rate``, ``n_steps``,
             ``seed``, ``device``...); ``device`` defaults to ``"cpu"`` (SB3's advice for MLP
             policies). ``policy``, ``env`` and ``policy_kwargs`` are set here and may not be given.
+        action_scale: the run's ``action_scale`` (the policy acts in ``[-s, s]``, mapped onto the
+            env's bounds: :mod:`metarl.rl.actions`). The map is folded into the copy, so SB3's
+            actor acts in the env's own units: mean ``offset + slope * mean``, log-std
+            ``log_std + log(slope)``. With SB3's clipping to the bounds, its actions are then
+            distributed exactly as the metarl policy's mapped ones.
 
     Returns:
         The PPO model (not trained; ``model.learn`` fine-tunes it).
@@ -106,6 +113,10 @@ def to_sb3(
         env = gym.make(env, **dict(env_kwargs or {}))
     _check_spaces(policy, env.observation_space, env.action_space)
     source = _source_params(policy, params)
+    if action_scale is not None:
+        if not isinstance(policy, GaussianMLPPolicy):
+            raise ValueError("action_scale applies to Box actions (a GaussianMLPPolicy) only")
+        source = _fold_action_scale(policy, source, env.action_space, action_scale)
 
     hidden = list(policy.hidden)
     policy_kwargs: dict[str, Any] = {
@@ -115,7 +126,9 @@ def to_sb3(
     log_std = None
     if isinstance(policy, GaussianMLPPolicy):
         # what the metarl policy uses: log_std clamped at its min_std
-        log_std = source["log_std"].detach().clamp(min=policy.min_log_std)
+        log_std = source["log_std"].detach()
+        if action_scale is None:  # (a folded log_std was clamped before the shift)
+            log_std = log_std.clamp(min=policy.min_log_std)
         policy_kwargs["log_std_init"] = float(log_std.mean())
     ppo_kwargs.setdefault("device", "cpu")
     model = PPO("MlpPolicy", env, policy_kwargs=policy_kwargs, **ppo_kwargs)
@@ -268,6 +281,18 @@ def from_sb3(model: Any) -> Policy:
         if log_std is not None:
             ours.log_std.copy_(log_std)
     return ours
+
+
+def _fold_action_scale(
+    policy: GaussianMLPPolicy, source: dict[str, torch.Tensor], space: gym.spaces.Box, scale: float
+) -> dict[str, torch.Tensor]:
+    """The parameters of the policy in env units: the affine action map folded into ``out`` and ``log_std``."""
+    offset, slope = (torch.as_tensor(x, dtype=torch.float32) for x in action_affine(space.low, space.high, scale))
+    folded = dict(source)
+    folded["out.weight"] = source["out.weight"] * slope.unsqueeze(1)
+    folded["out.bias"] = offset + slope * source["out.bias"]
+    folded["log_std"] = source["log_std"].clamp(min=policy.min_log_std) + slope.log()
+    return folded
 
 
 def _source_params(policy: Policy, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

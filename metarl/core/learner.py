@@ -40,6 +40,10 @@ class Learner:
     objective: Any
     inner_lrs: list[float]
     first_order: bool = True
+    uses_query: bool = True
+    """Whether :meth:`step` learns from the query data (an RL batch's validation episodes). When
+    False (Reptile) those episodes are only monitoring, and the env steps that count as training
+    cost leave them out."""
 
     def theta(self) -> Params:
         """The meta-parameters, detached."""

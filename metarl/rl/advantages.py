@@ -110,6 +110,20 @@ def normalize_advantages(advantages: torch.Tensor, mask: torch.Tensor, eps: floa
     return centred / (std + eps)
 
 
+def bootstrap_discounts(episodes: Episodes, gamma: float) -> torch.Tensor:
+    """``gamma^(L - t)`` at every real step ``t`` of a truncated episode of length ``L``, 0 elsewhere
+    (terminated episodes, masked steps): ``[N, H, E]``, in the rewards' dtype.
+
+    The weight of ``V(final observation)`` in the bootstrapped return of step ``t``.
+    """
+    _check_unit("gamma", gamma)
+    h = episodes.horizon
+    steps = torch.arange(h, device=episodes.rewards.device).view(1, h, 1)
+    exponent = (episodes.lengths.unsqueeze(1) - steps).clamp_min(0).to(episodes.rewards.dtype)  # L - t
+    truncated = (~episodes.terminated).unsqueeze(1) & (episodes.mask > 0)
+    return torch.where(truncated, torch.as_tensor(gamma, dtype=exponent.dtype).pow(exponent), 0.0)
+
+
 def compute_advantages(
     episodes: Episodes,
     baseline: Baseline,
@@ -117,20 +131,38 @@ def compute_advantages(
     gamma: float,
     gae_lambda: float,
     normalize: bool,
+    bootstrap_truncated: bool = False,
 ) -> torch.Tensor:
     """Advantages ``[N, H, E]`` of a batch, with a baseline fitted per task.
 
     Fits ``baseline`` on each task's discounted returns, evaluates it at every step and at the
     final observations, runs :func:`gae`, then (if ``normalize``) :func:`normalize_advantages`.
+
+    Where an episode ends:
+
+    - ``bootstrap_truncated=False`` (default; the finite-horizon objective of MAML, rllab and
+      pytorch-maml-rl): the horizon is part of the task, so every episode's end is terminal:
+      no value follows the last step, whether the episode terminated or reached the horizon.
+      The baseline is fitted to the finite-horizon returns-to-go, consistently.
+    - ``bootstrap_truncated=True``: a time limit that is not part of the task (an infinite-
+      horizon task cut for sampling). A truncated episode bootstraps with ``V(final
+      observation)``, and the baseline is fitted to returns bootstrapped the same way (its own
+      value at the final observation: see :mod:`metarl.rl.value_baselines`). Terminated
+      episodes still end with 0.
     """
     returns = discounted_returns(episodes.rewards, episodes.mask, gamma)
-    weights = baseline.fit(episodes, returns)
+    if bootstrap_truncated:
+        weights = baseline.fit(episodes, returns, bootstrap_discounts=bootstrap_discounts(episodes, gamma))
+        terminated = episodes.terminated
+    else:
+        weights = baseline.fit(episodes, returns)
+        terminated = torch.ones_like(episodes.terminated)
     values, final_values = baseline.values(episodes, weights)
     advantages = gae(
         episodes.rewards,
         values,
         episodes.mask,
-        terminated=episodes.terminated,
+        terminated=terminated,
         final_values=final_values,
         gamma=gamma,
         lam=gae_lambda,

@@ -6,8 +6,10 @@ prefix of the time axis: ``mask[n, :, e]`` reads ``1 ... 1 0 ... 0`` and its len
 ``mask.sum(1)``. Episodes of one batch end at different steps.
 
 An episode either *terminated* (the MDP ended: nothing follows its last step) or was
-*truncated* (time limit or horizon): its value after the last step is ``V(final_observation)``,
-which GAE uses to bootstrap.
+*truncated* (time limit or horizon). Whether a truncated episode bootstraps with
+``V(final_observation)`` is the advantage estimator's choice
+(:func:`metarl.rl.advantages.compute_advantages`: not by default, where the horizon is part of
+the task).
 
 Everything is vectorised over ``N`` and ``E``; the only Python loops run over the time axis,
 where a backward recursion needs them.
@@ -43,7 +45,8 @@ class Episodes(NamedTuple):
     final_observations: torch.Tensor
     """``[N, E, obs_dim]``: observation after each episode's last step."""
     terminated: torch.Tensor
-    """``[N, E]`` bool: True = ended by termination (no value after it); False = truncated (bootstrap)."""
+    """``[N, E]`` bool: True = ended by termination (no value after it); False = truncated
+    (time limit or horizon)."""
     lengths: torch.Tensor
     """``[N, E]`` int64: steps in each episode (``mask.sum(1)``)."""
     success: torch.Tensor | None = None

@@ -7,21 +7,25 @@ respect to the per-task parameters ``[N, ...]`` is each task's own gradient, and
 :func:`metarl.core.functional.adapt` call adapts every task at once. For task ``i`` with
 episodes ``D_i`` sampled with the current parameters and their advantages ``A``::
 
-    L_i(p) = - sum_t mask * log pi_p(a_t | s_t) * A_t / sum_t mask      (REINFORCE)
+    L_i(p) = - mean_D_i[ log pi_p(a_t | s_t) * A_t ]      (REINFORCE)
     phi_i  = p - lr * grad L_i(p)
+
+``mean_D_i`` is the task mean of :func:`task_mean`: over all real steps of the task
+(``average="steps"``), or over each episode's steps, then over episodes (``"episodes"``, as
+pytorch-maml-rl). They differ when episodes end early.
 
 Inner step ``s`` uses the episodes sampled with the parameters after ``s`` steps (the caller
 samples them). The query loss is the importance-weighted surrogate on the validation episodes
 ``V_i`` sampled with ``phi_i``::
 
-    surrogate(theta) = mean_i - sum_t mask * exp(log pi_{phi_i(theta)}(a|s) - log pi_old(a|s)) * A_t / sum mask
+    surrogate(theta) = mean_i - mean_V_i[ exp(log pi_{phi_i(theta)}(a|s) - log pi_old(a|s)) * A_t ]
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -29,15 +33,20 @@ from torch import nn
 from metarl.core.functional import Params, adapt
 from metarl.rl.episodes import Episodes
 
+Average = Literal["steps", "episodes"]
+AVERAGES = ("steps", "episodes")
+
 
 class StepData(NamedTuple):
-    """Episodes of one inner step (or the validation episodes) with their advantages ``[N, H, E]``."""
+    """Episodes of one inner step (or the validation episodes) with their advantages ``[N, H, E]``,
+    and how the losses average over a task's steps (:func:`task_mean`)."""
 
     episodes: Episodes
     advantages: torch.Tensor
+    average: Average = "steps"
 
     def to(self, device: torch.device | str) -> StepData:
-        return StepData(self.episodes.to(device), self.advantages.to(device))
+        return StepData(self.episodes.to(device), self.advantages.to(device), self.average)
 
     def head(self, fraction: float) -> StepData:
         """The first ``ceil(fraction * E)`` episodes of every task."""
@@ -45,7 +54,18 @@ class StepData(NamedTuple):
         k = max(1, math.ceil(fraction * e))
         if k >= e:
             return self
-        return StepData(self.episodes.first(k), self.advantages[:, :, :k])
+        return StepData(self.episodes.first(k), self.advantages[:, :, :k], self.average)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-task mean of ``values [N, H, E]`` over this batch's real steps: ``[N]`` (:func:`task_mean`)."""
+        return task_mean(values, self.episodes, self.average)
+
+    def step_weights(self) -> torch.Tensor:
+        """``[N, H, E]`` weights of the steps in :meth:`mean`: ``mean(v) == (v * weights).sum((1, 2))``."""
+        eps = self.episodes
+        if self.average == "steps":
+            return eps.mask / eps.mask.sum((1, 2), keepdim=True).clamp(min=1.0)
+        return eps.mask / eps.lengths.unsqueeze(1).clamp(min=1).to(eps.mask.dtype) / eps.episodes_per_task
 
 
 class RLBatch(NamedTuple):
@@ -67,12 +87,27 @@ def masked_task_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1.0)
 
 
+def task_mean(values: torch.Tensor, episodes: Episodes, average: Average) -> torch.Tensor:
+    """Per-task mean of ``values [N, H, E]``: ``[N]``.
+
+    ``"steps"``: over all real steps of the task (``sum mask * v / sum mask``). ``"episodes"``:
+    each episode's mean over its real steps, then the mean over the task's ``E`` episodes
+    (pytorch-maml-rl's ``weighted_mean`` with episode lengths): a short episode's steps weigh more.
+    """
+    if average == "steps":
+        return masked_task_mean(values, episodes.mask)
+    if average == "episodes":
+        per_episode = (values * episodes.mask).sum(1) / episodes.lengths.clamp(min=1).to(values.dtype)  # [N, E]
+        return per_episode.mean(-1)
+    raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+
+
 def surrogate_of(dist: torch.distributions.Distribution, valid: StepData) -> torch.Tensor:
     """The surrogate of ``dist`` (the adapted policies' distributions ``[N, H, E]`` at the validation
     steps) against the log-probs that sampled ``valid``: a scalar, mean over tasks."""
     eps = valid.episodes
     ratio = torch.exp(dist.log_prob(eps.actions) - eps.log_probs)
-    return -masked_task_mean(ratio * valid.advantages, eps.mask).mean()
+    return -valid.mean(ratio * valid.advantages).mean()
 
 
 class PolicyGradientObjective:
@@ -85,7 +120,7 @@ class PolicyGradientObjective:
         """Sum over tasks of the per-task REINFORCE loss (so per-task gradients come out)."""
         eps = data.episodes
         log_probs = self.policy(eps.observations, params).log_prob(eps.actions)
-        return -masked_task_mean(log_probs * data.advantages, eps.mask).sum()
+        return -data.mean(log_probs * data.advantages).sum()
 
     def adapt(self, theta: Params, steps: Sequence[StepData], *, lrs: Sequence[float], first_order: bool) -> Params:
         """Per-task adapted parameters ``[N, ...]`` after ``len(steps)`` inner steps from ``theta``.

@@ -14,8 +14,20 @@ features ``X`` of that task's real steps (all its episodes)::
 
     (X^T X + reg * I) w = X^T y
 
-in float64, one batched solve for all ``N`` tasks. Where a task's solution is not finite (or
-``X^T X + reg * I`` is exactly singular), that task's ``reg`` is multiplied by 10 and the
+in float64: one batched Cholesky solve for all ``N`` tasks (the matrix is symmetric positive
+definite). Not a batched LU solve: with torch 2.13's CPU build and more than one thread, a
+batched ``torch.linalg.solve_ex`` of Ant-sized systems (F = 214) fails inside MKL
+("DLASWP"), while the same matrices solve one at a time.
+
+Bootstrapped targets (a time limit that is not part of the task, see
+:func:`metarl.rl.advantages.compute_advantages`): a truncated episode's return continues past
+its last step with the baseline's own value of the final observation,
+``y_t = G_t + gamma^(L-t) * phi(o_L, L) . w``. The weights are the exact fixed point of the
+ridge regression on those targets, one (non-symmetric) linear solve per task::
+
+    (X^T X + reg * I - X^T B) w = X^T G,     B[t] = gamma^(L-t) * phi(o_L, L)  (0 if terminated)
+ Where a task's solution is not finite (or
+the system is singular, or not positive definite for Cholesky), that task's ``reg`` is multiplied by 10 and the
 solve retried, at most 5 times; a ``reg_coeff`` of 0 starts its retries from
 ``1e-8 * max(mean diag(X^T X), 1)`` since 10 * 0 is still 0. Then ``V(s_t) = phi(o_t, t) . w``.
 """
@@ -34,11 +46,23 @@ MAX_REG_RETRIES = 5
 TIME_SCALE = 100.0
 
 
+def _solve(a: torch.Tensor, b: torch.Tensor, *, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solutions ``[N, F, 1]`` of ``a [N, F, F] x = b [N, F, 1]`` and a status per system (0: solved)."""
+    if symmetric:
+        chol, info = torch.linalg.cholesky_ex(a)
+        return torch.cholesky_solve(b, chol), info
+    solved = [torch.linalg.solve_ex(a[i], b[i]) for i in range(a.shape[0])]  # one at a time: see the module doc
+    return torch.stack([x for x, _ in solved]), torch.stack([info for _, info in solved])
+
+
 class Baseline(Protocol):
     """A per-task baseline: stateless ``fit`` returns weights, ``values`` evaluates them."""
 
-    def fit(self, episodes: Episodes, returns: torch.Tensor) -> torch.Tensor:
-        """Per-task weights fitted to ``returns [N, H, E]``."""
+    def fit(
+        self, episodes: Episodes, returns: torch.Tensor, *, bootstrap_discounts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-task weights fitted to ``returns [N, H, E]`` (plus, with ``bootstrap_discounts [N, H, E]``,
+        the baseline's own final value times those discounts)."""
         ...
 
     def values(self, episodes: Episodes, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +130,14 @@ class LinearFeatureBaseline:
         ones = torch.ones(n, 1, e, dtype=final_observations.dtype, device=final_observations.device)
         return self.features(final_observations.unsqueeze(1), ones, time_offset=lengths).squeeze(1)
 
-    def fit(self, episodes: Episodes, returns: torch.Tensor) -> torch.Tensor:
+    def fit(
+        self, episodes: Episodes, returns: torch.Tensor, *, bootstrap_discounts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Ridge-regression weights ``[N, F]`` (float64) of ``returns [N, H, E]`` per task.
 
+        ``bootstrap_discounts [N, H, E]``: ``gamma^(L-t)`` at the steps of truncated episodes (0
+        elsewhere); the targets then include the fitted baseline's value of each episode's final
+        observation (the fixed point in the module doc). None: the targets are ``returns``.
         Only real steps count: masked rows of the features and masked returns are zeroed.
         Raises ``RuntimeError`` if some task's solution stays non-finite after the retries.
         """
@@ -121,13 +150,23 @@ class LinearFeatureBaseline:
         y = torch.where(mask > 0, returns.double(), 0.0)  # [N, H, E]
         xtx = torch.einsum("nhef,nheg->nfg", x, x)  # [N, F, F]
         xty = torch.einsum("nhef,nhe->nf", x, y).unsqueeze(-1)  # [N, F, 1]
+        if bootstrap_discounts is not None:
+            if tuple(bootstrap_discounts.shape) != tuple(mask.shape):
+                raise ValueError(
+                    f"bootstrap_discounts has shape {tuple(bootstrap_discounts.shape)}, expected mask.shape "
+                    f"[N, H, E] = {tuple(mask.shape)}"
+                )
+            x_final = self.final_features(episodes.final_observations.double(), episodes.lengths)  # [N, E, F]
+            d = torch.where(mask > 0, bootstrap_discounts.double(), 0.0)  # [N, H, E]
+            xtb = torch.einsum("nhef,nhe,neg->nfg", x, d, x_final)  # X^T B
+            xtx = xtx - xtb
         num_feats = xtx.shape[-1]
         eye = torch.eye(num_feats, dtype=xtx.dtype, device=xtx.device)
 
         reg = torch.full((xtx.shape[0],), self.reg_coeff, dtype=xtx.dtype, device=xtx.device)
         floor = 1e-8 * xtx.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1.0)  # first nonzero reg if 0
         for attempt in range(MAX_REG_RETRIES + 1):
-            weights, info = torch.linalg.solve_ex(xtx + reg.view(-1, 1, 1) * eye, xty)
+            weights, info = _solve(xtx + reg.view(-1, 1, 1) * eye, xty, symmetric=bootstrap_discounts is None)
             bad = (info != 0) | ~torch.isfinite(weights).all(dim=(-2, -1))
             if not bad.any():
                 return weights.squeeze(-1)

@@ -69,7 +69,8 @@ class RLExperiment(Experiment):
         self.learner = build_learner("rl", cfg, self.policy, self.objective)
         self.baseline = LinearFeatureBaseline()
         self.events: list[dict[str, Any]] = []
-        self.env_steps = 0
+        self.env_steps = 0  # the steps the learner learns from (training cost)
+        self.monitoring_steps = 0  # sampled only for the log (Reptile's post-adaptation episodes)
         self._samplers: dict[tuple, Any] = {}
 
     # -- sampling ----------------------------------------------------------------------------
@@ -90,12 +91,17 @@ class RLExperiment(Experiment):
                     num_workers=cfg.ray.workers,
                     horizon=cfg.horizon,
                     env_kwargs=env_kwargs,
+                    action_scale=cfg.action_scale,
                     address=cfg.ray.address,
                     on_event=self._on_event,
                 )
             else:
                 self._samplers[key] = VectorSampler(
-                    cfg.env_id, episodes_per_task=e, horizon=cfg.horizon, env_kwargs=env_kwargs
+                    cfg.env_id,
+                    episodes_per_task=e,
+                    horizon=cfg.horizon,
+                    env_kwargs=env_kwargs,
+                    action_scale=cfg.action_scale,
                 ).bind(self.rollout_policy)
         return self._samplers[key]
 
@@ -110,9 +116,14 @@ class RLExperiment(Experiment):
     def _step_data(self, episodes: Episodes) -> StepData:
         cfg = self.cfg
         advantages = compute_advantages(
-            episodes, self.baseline, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, normalize=cfg.normalize_advantages
+            episodes,
+            self.baseline,
+            gamma=cfg.gamma,
+            gae_lambda=cfg.gae_lambda,
+            normalize=cfg.normalize_advantages,
+            bootstrap_truncated=cfg.bootstrap_truncated,
         )
-        return StepData(episodes, advantages).to(self.device)
+        return StepData(episodes, advantages, cfg.loss_average).to(self.device)
 
     def sample_tasks(self, split: int, key: int, n: int) -> list[dict[str, Any]]:
         env = self.task_envs[split]
@@ -158,10 +169,11 @@ class RLExperiment(Experiment):
 
     # -- state -------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {"env_steps": self.env_steps}
+        return {"env_steps": self.env_steps, "monitoring_steps": self.monitoring_steps}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.env_steps = int(state.get("env_steps", 0))
+        self.monitoring_steps = int(state.get("monitoring_steps", 0))
 
     # -- training ----------------------------------------------------------------------------
     def train_iteration(self, it: int) -> dict[str, Any]:
@@ -172,8 +184,15 @@ class RLExperiment(Experiment):
         update = self.learner.step(batch, it)
         t2 = time.perf_counter()
         train, valid = batch.train, batch.valid
-        steps = sum(d.episodes.num_steps() for d in train) + valid.episodes.num_steps()
-        self.env_steps += steps
+        learned_from = sum(d.episodes.num_steps() for d in train)
+        monitoring = 0
+        if self.learner.uses_query:
+            learned_from += valid.episodes.num_steps()
+        else:  # Reptile: the post-adaptation episodes are sampled only for the log
+            monitoring = valid.episodes.num_steps()
+        steps = learned_from + monitoring
+        self.env_steps += learned_from
+        self.monitoring_steps += monitoring
         row: dict[str, Any] = {}
         returns = [d.episodes.returns_per_episode().mean(1) for d in [*train, valid]]
         row["return/pre_adapt"] = float(returns[0].mean())
@@ -187,6 +206,8 @@ class RLExperiment(Experiment):
             row["success/post_adapt"] = float(valid.episodes.success.mean())
         row.update(update)
         row["env_steps"] = self.env_steps
+        if not self.learner.uses_query:
+            row["env_steps_monitoring"] = self.monitoring_steps
         row["env_steps_per_s"] = steps / max(times["sampling"], 1e-9)
         row["time/sampling"] = times["sampling"]
         row["time/adaptation"] = times["adaptation"]

@@ -82,6 +82,23 @@ class RLConfig(ConfigModel):
     gamma: float = option(0.99, ge=0, le=1, doc="Discount factor.")
     gae_lambda: float = option(1.0, ge=0, le=1, doc="GAE lambda (1: Monte-Carlo returns minus the baseline).")
     normalize_advantages: bool = option(True, doc="Normalise advantages per task.")
+    bootstrap_truncated: bool = option(
+        False,
+        doc="false: the horizon is part of the task (finite-horizon objective, as MAML and pytorch-maml-rl): no "
+        "value follows an episode's last step. true: the horizon is a time limit outside the task: episodes cut "
+        "by it bootstrap with the baseline's value, fitted to bootstrapped returns.",
+    )
+    loss_average: Literal["steps", "episodes"] = option(
+        "steps",
+        doc="Task mean of the losses and KL: over all real steps (steps), or per episode, then over episodes "
+        "(episodes, as pytorch-maml-rl). They differ when episodes end early.",
+    )
+    action_scale: float | None = option(
+        None,
+        gt=0,
+        doc="Policy actions in [-action_scale, action_scale] are clipped and mapped linearly onto the env's action "
+        "bounds (pytorch-maml-rl's normalization_scale); null: actions go to the env clipped to its bounds.",
+    )
     checkpoint_every: int = option(50, ge=1, doc="Write a checkpoint every this many iterations (and at the end).")
     policy: PolicyConfig = option(default_factory=PolicyConfig, doc="Policy network.")
     inner: InnerConfig = option(default_factory=InnerConfig, doc="Inner loop (adaptation).")

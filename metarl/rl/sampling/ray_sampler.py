@@ -79,13 +79,18 @@ class _RolloutWorker:
         episodes_per_task: int,
         horizon: int | None,
         env_kwargs: Mapping[str, Any],
+        action_scale: float | None = None,
     ) -> None:
         from metarl.rl.sampling.vector import VectorSampler
 
         torch.set_num_threads(1)
         self.policy = policy
         self.sampler = VectorSampler(
-            env_id, episodes_per_task=episodes_per_task, horizon=horizon, env_kwargs=env_kwargs
+            env_id,
+            episodes_per_task=episodes_per_task,
+            horizon=horizon,
+            env_kwargs=env_kwargs,
+            action_scale=action_scale,
         )
 
     def pid(self) -> int:
@@ -113,7 +118,7 @@ class RaySampler:
     Args:
         env_id: registered task family.
         policy: the policy module (sent to each actor once; parameters travel per call).
-        episodes_per_task, horizon, env_kwargs: as :class:`~metarl.rl.sampling.VectorSampler`.
+        episodes_per_task, horizon, env_kwargs, action_scale: as :class:`~metarl.rl.sampling.VectorSampler`.
         num_workers: number of actors (each takes one CPU).
         address: Ray cluster to join (None: ``RAY_ADDRESS`` or a new local Ray).
         max_replacements: how many dead actors one call may replace before it gives up.
@@ -132,6 +137,7 @@ class RaySampler:
         num_workers: int,
         horizon: int | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
+        action_scale: float | None = None,
         address: str | None = None,
         max_replacements: int = 8,
         on_event: Callable[[dict[str, Any]], None] | None = None,
@@ -146,7 +152,7 @@ class RaySampler:
         horizon = resolve_horizon(env_id, horizon)
         init_ray(address, num_cpus=None if address else num_workers)
         self._remote_cls = ray.remote(num_cpus=1, max_restarts=0)(_RolloutWorker)
-        self._args = (env_id, policy, episodes_per_task, horizon, dict(env_kwargs or {}))
+        self._args = (env_id, policy, episodes_per_task, horizon, dict(env_kwargs or {}), action_scale)
         self.episodes_per_task = episodes_per_task
         self.horizon = horizon
         self.num_workers = num_workers

@@ -16,8 +16,9 @@ runs episode ``e`` of task ``n``) and, per call, runs exactly one episode in eac
 Families with a native vector env (Navigation2D) step all envs in one array operation; the
 others step a list of unwrapped envs in a plain loop that only touches the running ones (no
 gymnasium wrappers, no info merging: the sampler needs observations, rewards and the two end
-flags). Actions are clipped to a ``Box`` action space before they reach the env; the episodes
-keep the unclipped actions, whose log-probabilities they store.
+flags). Actions are clipped to a ``Box`` action space (or mapped onto it from
+``[-action_scale, action_scale]``: :mod:`metarl.rl.actions`) before they reach the env; the
+episodes keep the policy's own actions, whose log-probabilities they store.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401  (registers the metarl/ families)
+from metarl.rl.actions import action_affine
+from metarl.rl.actions import env_actions as to_env_actions
 from metarl.rl.episodes import Episodes
 
 PAD = 32  # floats in two AVX-512 vectors (ATen's vectorized loops step by two vectors)
@@ -162,6 +165,8 @@ class VectorSampler:
         episodes_per_task: episodes per task and call (``E``).
         horizon: the longest episode (``H``); default: the registration's ``max_episode_steps``.
         env_kwargs: constructor arguments of the env.
+        action_scale: policy actions in ``[-action_scale, action_scale]`` map onto the env's
+            bounds (:mod:`metarl.rl.actions`); None: they are clipped to the bounds.
     """
 
     def __init__(
@@ -171,6 +176,7 @@ class VectorSampler:
         episodes_per_task: int,
         horizon: int | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
+        action_scale: float | None = None,
     ) -> None:
         if episodes_per_task < 1:
             raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
@@ -185,6 +191,11 @@ class VectorSampler:
         self.observation_space = probe.observation_space
         self.action_space = probe.action_space
         probe.close()
+        self.action_scale = action_scale
+        if action_scale is not None:
+            if not isinstance(self.action_space, gym.spaces.Box):
+                raise ValueError(f"action_scale needs a Box action space; {env_id} has {self.action_space}")
+            action_affine(self.action_space.low, self.action_space.high, action_scale)  # checks the bounds
 
     def _envs(self, num_envs: int) -> _NativeBatch | _ListBatch:
         if self._batch is None or self._batch.num_envs != num_envs:
@@ -279,7 +290,7 @@ class VectorSampler:
             logp_buf[t] = log_probs.reshape(m) * run_t
             env_actions = actions.reshape(m, *act_shape).numpy()
             if box is not None:
-                env_actions = np.clip(env_actions, box.low, box.high)
+                env_actions = to_env_actions(env_actions, box.low, box.high, self.action_scale)
             obs, rewards, terminated, truncated = batch.step(env_actions, running)
             rew_buf[t] = np.where(running, rewards, 0.0)
             mask_buf[t] = running
