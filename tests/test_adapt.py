@@ -201,3 +201,42 @@ def test_video_is_recorded_or_explained(run_dir, tmp_path):
             assert gif.n_frames == 6
     finally:
         env.close()
+
+
+def test_ppo_baselines_act_in_env_units_with_the_runs_action_scale():
+    """With action_scale 10 on HalfCheetah's [-1, 1], PPO starts at the policy's std seen through the
+    map (init_std 1 -> 0.1), and a multi-task PPO actor (env units) is adapted as the same policy."""
+    import math
+
+    from metarl.app.comparisons import PPOSetting, _policy_kwargs, pretrained_curve
+    from metarl.app.export import fold_action_scale
+    from metarl.core.config import from_dict
+    from metarl.runs.experiment import TEST
+    from metarl.runs.rl import RLExperiment
+    from metarl.runs.rl_config import RLConfig
+
+    cfg = from_dict(
+        RLConfig,
+        {
+            "family": "HalfCheetahVel",
+            "algorithm": "maml_trpo",
+            "num_iterations": 1,
+            "action_scale": 10.0,
+            "horizon": 10,
+            "episodes_per_task": 2,
+            "meta_batch_size": 2,
+        },
+    )
+    exp = RLExperiment(cfg)
+    try:
+        setting = PPOSetting.of(exp)
+        assert setting.action_std_factor == pytest.approx(0.1)
+        assert _policy_kwargs(setting)["log_std_init"] == pytest.approx(math.log(0.1))
+        own = {k: v.detach().clone() for k, v in exp.policy.params().items()}
+        env_units = fold_action_scale(own, exp.task_envs[TEST].action_space, 10.0)  # the same behaviour in PPO
+        adapted = pretrained_curve(exp, env_units, num_tasks=2, steps=1, seed=0)
+        np.testing.assert_allclose(adapted, exp.curve(TEST, 0, 2, steps=1), rtol=1e-4, atol=1e-3)
+        unmapped = pretrained_curve(exp, own, num_tasks=2, steps=1, seed=0)  # had it not been mapped back
+        assert not np.allclose(unmapped, adapted, atol=1e-2)
+    finally:
+        exp.close()

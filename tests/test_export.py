@@ -13,7 +13,7 @@ from torch import nn
 
 import envs  # noqa: F401  (registers metarl/*)
 from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy, make_policy
-from metarl.app.export import from_sb3, to_sb3
+from metarl.app.export import fold_action_scale, from_sb3, to_sb3
 
 NAV = "metarl/Navigation2D-v0"
 SMALL = {"n_steps": 16, "batch_size": 16, "seed": 0}  # light rollout buffers; nothing is trained
@@ -98,6 +98,16 @@ def test_action_scale_is_folded_into_the_sb3_actor():
     np.testing.assert_allclose(actions, np.clip(ours.mean.numpy() / 10.0, -1, 1), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="Box actions"):
         to_sb3(*_categorical(), ppo_kwargs=SMALL, action_scale=2.0)
+    # and back: from_sb3 gives env units; the inverse fold gives the run's policy units again
+    back = fold_action_scale(from_sb3(model).params(), env.action_space, 10.0, inverse=True)
+    for name, value in policy.params().items():
+        torch.testing.assert_close(back[name], value.detach(), rtol=1e-5, atol=1e-6)
+    skewed = gym.spaces.Box(np.array([-1.0, 0.0]), np.array([3.0, 1.0]))  # offset [1, 0.5], slope [0.4, 0.1]
+    two = {"out.weight": torch.ones(2, 3), "out.bias": torch.tensor([1.0, -2.0]), "log_std": torch.zeros(2)}
+    folded = fold_action_scale(two, skewed, 5.0)
+    torch.testing.assert_close(folded["out.bias"], torch.tensor([1.4, 0.3]))
+    torch.testing.assert_close(folded["out.weight"][:, 0], torch.tensor([0.4, 0.1]))
+    torch.testing.assert_close(folded["log_std"], torch.tensor([0.4, 0.1]).log())
 
 
 def test_categorical_to_sb3_matches_logits_and_argmax():

@@ -15,7 +15,9 @@ Every method is scored on the same held-out tasks by the mean return of ``E`` ep
   by ``E`` episodes of the trained policy (the same value at every step).
 
 PPO runs use the same MLP as the policy (hidden sizes and activation) for the actor and the
-critic, on CPU.
+critic, on CPU. PPO acts in the env's units: with the run's ``action_scale`` its initial std is
+the policy's seen through the action map (``init_std * slope``), and the multi-task policy's
+parameters are mapped back to the run's policy units before the inner loop adapts them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from metarl.app.export import fold_action_scale
+from metarl.rl.actions import action_affine
 from metarl.rl.sampling.vector import resolve_horizon
 from metarl.runs.experiment import TEST, mean_and_ci95
 from metarl.runs.rl import RLExperiment
@@ -82,6 +86,9 @@ class PPOSetting:
     hidden: tuple[int, ...]
     activation: str
     init_std: float
+    action_std_factor: float = 1.0
+    """Env units per policy unit of the run's actions (``slope`` of its ``action_scale``, 1 without):
+    PPO acts in env units, so its initial std is ``init_std * action_std_factor``."""
 
     @classmethod
     def of(cls, exp: RLExperiment) -> PPOSetting:
@@ -94,7 +101,15 @@ class PPOSetting:
             hidden=tuple(cfg.policy.hidden),
             activation=cfg.policy.activation,
             init_std=cfg.policy.init_std,
+            action_std_factor=_action_std_factor(exp),
         )
+
+
+def _action_std_factor(exp: RLExperiment) -> float:
+    space = exp.task_envs[TEST].action_space
+    if exp.cfg.action_scale is None or not isinstance(space, gym.spaces.Box):
+        return 1.0
+    return float(np.mean(action_affine(space.low, space.high, exp.cfg.action_scale)[1]))
 
 
 def _policy_kwargs(s: PPOSetting) -> dict[str, Any]:
@@ -102,7 +117,7 @@ def _policy_kwargs(s: PPOSetting) -> dict[str, Any]:
     return {
         "net_arch": {"pi": list(s.hidden), "vf": list(s.hidden)},
         "activation_fn": act,
-        "log_std_init": float(np.log(s.init_std)),
+        "log_std_init": float(np.log(s.init_std * s.action_std_factor)),
     }
 
 
@@ -175,6 +190,8 @@ def pretrained_curve(
     exp: RLExperiment, params: dict[str, torch.Tensor], *, num_tasks: int, steps: int, seed: int
 ) -> np.ndarray:
     own = dict(exp.policy.named_parameters())
+    if exp.cfg.action_scale is not None:  # PPO acted in env units: back to the run's policy units
+        params = fold_action_scale(params, exp.task_envs[TEST].action_space, exp.cfg.action_scale, inverse=True)
     fitted = {k: params[k].to(own[k].dtype).to(exp.device) if k in params else own[k].detach() for k in own}
     if "log_std" in fitted and "log_std" in params:
         fitted["log_std"] = params["log_std"].clamp(min=exp.policy.min_log_std).to(exp.device)

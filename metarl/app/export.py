@@ -287,12 +287,28 @@ def _fold_action_scale(
     policy: GaussianMLPPolicy, source: dict[str, torch.Tensor], space: gym.spaces.Box, scale: float
 ) -> dict[str, torch.Tensor]:
     """The parameters of the policy in env units: the affine action map folded into ``out`` and ``log_std``."""
-    offset, slope = (torch.as_tensor(x, dtype=torch.float32) for x in action_affine(space.low, space.high, scale))
-    folded = dict(source)
-    folded["out.weight"] = source["out.weight"] * slope.unsqueeze(1)
-    folded["out.bias"] = offset + slope * source["out.bias"]
-    folded["log_std"] = source["log_std"].clamp(min=policy.min_log_std) + slope.log()
-    return folded
+    clamped = {**source, "log_std": source["log_std"].clamp(min=policy.min_log_std)}
+    return fold_action_scale(clamped, space, scale)
+
+
+def fold_action_scale(
+    params: Mapping[str, torch.Tensor], space: gym.spaces.Box, scale: float, *, inverse: bool = False
+) -> dict[str, torch.Tensor]:
+    """A Gaussian policy's parameters with the action map of ``action_scale`` folded in (policy units
+    to env units: mean ``offset + slope * mean``, log-std ``+ log(slope)``), or taken out (``inverse``:
+    env units to policy units). Only ``out.weight``, ``out.bias`` and ``log_std`` change."""
+    dtype = params["out.bias"].dtype
+    offset, slope = (torch.as_tensor(x, dtype=dtype) for x in action_affine(space.low, space.high, scale))
+    out = dict(params)
+    if inverse:
+        out["out.weight"] = params["out.weight"] / slope.unsqueeze(1)
+        out["out.bias"] = (params["out.bias"] - offset) / slope
+        out["log_std"] = params["log_std"] - slope.log()
+    else:
+        out["out.weight"] = params["out.weight"] * slope.unsqueeze(1)
+        out["out.bias"] = offset + slope * params["out.bias"]
+        out["log_std"] = params["log_std"] + slope.log()
+    return out
 
 
 def _source_params(policy: Policy, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
