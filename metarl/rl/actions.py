@@ -27,9 +27,22 @@ def action_affine(low: np.ndarray, high: np.ndarray, scale: float) -> tuple[np.n
     return (low + high) / 2.0, (high - low) / (2.0 * scale)
 
 
+class ActionMap:
+    """The map from policy actions to env actions of one action space, its constants computed once
+    (the sampler applies it at every control step)."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray, scale: float | None) -> None:
+        self.low, self.high, self.scale = low, high, scale
+        self.affine = None if scale is None else action_affine(low, high, scale)
+
+    def __call__(self, actions: np.ndarray) -> np.ndarray:
+        """Env actions ``[..., act_dim]`` (the actions' dtype) for policy actions ``[..., act_dim]``."""
+        if self.affine is None:
+            return np.clip(actions, self.low, self.high)
+        offset, slope = self.affine
+        return (offset + slope * np.clip(actions, -self.scale, self.scale)).astype(actions.dtype, copy=False)
+
+
 def env_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray, scale: float | None) -> np.ndarray:
     """Env actions ``[..., act_dim]`` (the actions' dtype) for policy actions ``[..., act_dim]``."""
-    if scale is None:
-        return np.clip(actions, low, high)
-    offset, slope = action_affine(low, high, scale)
-    return (offset + slope * np.clip(actions, -scale, scale)).astype(actions.dtype, copy=False)
+    return ActionMap(low, high, scale)(actions)

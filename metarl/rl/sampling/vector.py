@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401  (registers the metarl/ families)
-from metarl.rl.actions import action_affine
-from metarl.rl.actions import env_actions as to_env_actions
+from metarl.rl.actions import ActionMap
 from metarl.rl.episodes import Episodes
 
 PAD = 32  # floats in two AVX-512 vectors (ATen's vectorized loops step by two vectors)
@@ -192,10 +191,11 @@ class VectorSampler:
         self.action_space = probe.action_space
         probe.close()
         self.action_scale = action_scale
-        if action_scale is not None:
-            if not isinstance(self.action_space, gym.spaces.Box):
-                raise ValueError(f"action_scale needs a Box action space; {env_id} has {self.action_space}")
-            action_affine(self.action_space.low, self.action_space.high, action_scale)  # checks the bounds
+        self._action_map = None
+        if isinstance(self.action_space, gym.spaces.Box):  # checks the bounds once
+            self._action_map = ActionMap(self.action_space.low, self.action_space.high, action_scale)
+        elif action_scale is not None:
+            raise ValueError(f"action_scale needs a Box action space; {env_id} has {self.action_space}")
 
     def _envs(self, num_envs: int) -> _NativeBatch | _ListBatch:
         if self._batch is None or self._batch.num_envs != num_envs:
@@ -264,7 +264,7 @@ class VectorSampler:
         terminated_out = np.zeros(m, dtype=bool)
         lengths = np.zeros(m, dtype=np.int64)
         running = np.ones(m, dtype=bool)
-        box = self.action_space if isinstance(self.action_space, gym.spaces.Box) else None
+        action_map = self._action_map
 
         # Every elementwise op runs on tensors whose per-task block is a whole number of CPU
         # vector lengths (PAD floats): no element goes through a scalar tail loop (whose rounding
@@ -289,8 +289,8 @@ class VectorSampler:
             act_buf[t] = actions.reshape(m, *act_shape) * (run_t.view(m, *([1] * len(act_shape))))
             logp_buf[t] = log_probs.reshape(m) * run_t
             env_actions = actions.reshape(m, *act_shape).numpy()
-            if box is not None:
-                env_actions = to_env_actions(env_actions, box.low, box.high, self.action_scale)
+            if action_map is not None:
+                env_actions = action_map(env_actions)
             obs, rewards, terminated, truncated = batch.step(env_actions, running)
             rew_buf[t] = np.where(running, rewards, 0.0)
             mask_buf[t] = running
