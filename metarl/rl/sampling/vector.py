@@ -36,6 +36,8 @@ import torch
 
 import envs  # noqa: F401  (registers the metarl/ families)
 from envs.batched import PhysicsBatch, batched_kind
+from envs.metaworld_batch import MetaWorldBatch
+from envs.metaworld_tasks import MetaWorldEnv
 from metarl.rl.actions import ActionMap
 from metarl.rl.episodes import Episodes
 
@@ -173,6 +175,25 @@ class _PhysicsListBatch(_ListBatch):
         self.physics.close()
 
 
+class _MetaWorldListBatch(_ListBatch):
+    """Meta-World: the same envs, stepped together by :class:`envs.metaworld_batch.MetaWorldBatch`
+    (Meta-World's step without its overhead, quaternions batched; the same episodes)."""
+
+    def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any], threads: int) -> None:
+        super().__init__(env_id, num_envs, horizon, env_kwargs)
+        self.physics = MetaWorldBatch(self.envs, threads=threads)
+        self.reports_success = True
+
+    def step(self, actions: np.ndarray, running: np.ndarray):
+        obs, rewards, terminated, truncated, _ = self.physics.step(actions, running)
+        self._obs[running] = obs[running]
+        self.success[running & (self.physics.success > 0)] = 1.0
+        return self._obs.copy(), np.where(running, rewards, 0.0), running & terminated, running & truncated
+
+    def close(self) -> None:
+        self.physics.close()
+
+
 def _spec(env_id: str):
     try:
         return gym.spec(env_id)
@@ -228,7 +249,9 @@ class VectorSampler:
         probe = gym.make(env_id, disable_env_checker=True, **self.env_kwargs)
         self.observation_space = probe.observation_space
         self.action_space = probe.action_space
-        self.batch_physics = bool(batch_physics) and not self._native and batched_kind(probe.unwrapped) is not None
+        kind = "metaworld" if isinstance(probe.unwrapped, MetaWorldEnv) else batched_kind(probe.unwrapped)
+        self.batch_physics = bool(batch_physics) and not self._native and kind is not None
+        self._batch_class = _MetaWorldListBatch if kind == "metaworld" else _PhysicsListBatch
         self.physics_threads = int(physics_threads)
         probe.close()
         self.action_scale = action_scale
@@ -246,7 +269,7 @@ class VectorSampler:
                 self._batch = _NativeBatch(self.env_id, num_envs, self.horizon, self.env_kwargs)
             elif self.batch_physics:
                 args = (self.env_id, num_envs, self.horizon, self.env_kwargs, self.physics_threads)
-                self._batch = _PhysicsListBatch(*args)
+                self._batch = self._batch_class(*args)
             else:
                 self._batch = _ListBatch(self.env_id, num_envs, self.horizon, self.env_kwargs)
         return self._batch
