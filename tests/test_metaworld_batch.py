@@ -79,3 +79,24 @@ def test_batched_step_needs_a_reset():
     batch = MetaWorldBatch([MetaWorldEnv(benchmark="ML1", task_name="reach-v3")])
     with pytest.raises(RuntimeError, match="reset"):
         batch.step(np.zeros((1, 4)))
+
+
+def test_lazily_built_classes_give_the_episodes_of_an_eagerly_built_env():
+    from envs import metaworld_tasks
+
+    metaworld_tasks._TASK_CACHE.clear()
+    eager = MetaWorldEnv(benchmark="ML10", split="test")  # draws the goals: builds every class
+    lazy = MetaWorldEnv(benchmark="ML10", split="test")  # reuses them: builds a class on first use
+    assert len(eager._envs) == 5 and len(lazy._envs) == 1
+    assert lazy._mw_tasks is eager._mw_tasks
+    rng = np.random.default_rng(0)
+    for task in ({"env_name": lazy.env_names[3], "index": 7}, {"env_name": lazy.env_names[0], "index": 2}):
+        eager.set_task(task)
+        lazy.set_task(task)
+        np.testing.assert_array_equal(eager.reset(seed=1)[0], lazy.reset(seed=1)[0])
+        for _ in range(100):
+            action = rng.uniform(-1, 1, 4).astype(np.float32)
+            a, b = eager.step(action), lazy.step(action)
+            np.testing.assert_array_equal(a[0], b[0])
+            assert a[1:] == b[1:]
+    assert len(lazy._envs) == 2
