@@ -56,7 +56,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if address is None:
         kwargs["num_cpus"] = num_cpus
         # the sampler's workers import metarl, envs and agents from the project root
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
     else:
@@ -185,8 +185,9 @@ class RaySampler:
             self.close()
             raise RuntimeError(
                 f"could not start {num_workers} rollout workers within {start_timeout_s:.0f} s: each "
-                f"needs one CPU and the Ray cluster has {free:g} free; lower ray.num_workers or "
-                f"add nodes"
+                f"needs {physics_threads} CPU(s) (sampler.physics_threads) and the Ray cluster has {free:g} "
+                f"free; lower ray.workers or sampler.physics_threads, or add nodes (on a busy machine "
+                f"the workers, which run at low priority, may also start too slowly)"
             ) from None
 
     def worker_pids(self) -> list[int]:
