@@ -30,10 +30,14 @@ Meta-World's 39 floats (goal hidden: the last 3 are zeros); actions are 4 floats
 Note: a task dict does not name its split or seed; ``{"env_name": "reach-v3", "index": 7}`` is a
 different goal in an ML1 train env and in an ML1 test env.
 
-Building an env builds all env classes of its split (ML1: 1, ML10: 10 train / 5 test, ML45:
-45 train / 5 test) and draws their goals the way Meta-World does, with the same global-RNG
-stream (so the goals equal Meta-World's), but without simulating the hand reset for each of
-the 50 goal draws; nothing is downloaded.
+The first env of a (benchmark, task_name, split, seed) in a process builds all env classes of
+its split (ML1: 1, ML10: 10 train / 5 test, ML45: 45 train / 5 test) and draws their goals the
+way Meta-World does, with the same global-RNG stream (so the goals equal Meta-World's), but
+without simulating the hand reset for each of the 50 goal draws; nothing is downloaded. Later
+envs reuse those goals and build an env class only when a task of it is set (a sampler holds
+hundreds of envs: building all 45 ML45 classes in each would take minutes and tens of GB).
+Meta-World's reset starts from ``mj_resetData``, so how an env came to be built does not change
+its episodes (tested).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ BENCHMARKS = ("ML1", "ML10", "ML45")
 SPLITS = ("train", "test")
 N_GOALS = 50  # tasks per env class and split (Meta-World's _N_GOALS)
 MAX_PATH_LENGTH = 500  # Meta-World's max_path_length
+# (benchmark, task_name, split, seed) -> each class's N_GOALS Meta-World Tasks: drawing them builds
+# every class of the split, which a process does once; later envs build a class when they use it.
+_TASK_CACHE: dict[tuple[str, str | None, str, int], dict[str, list[Any]]] = {}
 
 # Registration specs in the format of envs.FAMILIES: name -> (entry point, vector entry point, horizon).
 # gymnasium.make("<ns>/MetaWorld-ML1-v0", task_name="reach-v3", split="test", seed=0)
@@ -229,10 +236,17 @@ class MetaWorldEnv(MetaEnv, gym.Env):
             env.max_path_length = np.iinfo(np.int64).max
             return env
 
-        self._envs, self._mw_tasks = _build_tasks(_env_classes(benchmark, split, task_name), task_seed, make_env)
-        self.env_names = list(self._envs)
+        classes = _env_classes(benchmark, split, task_name)
+        key = (benchmark, task_name, split, task_seed)
+        if key in _TASK_CACHE:  # the goals are drawn once per process; env classes built on first use
+            self._envs, self._mw_tasks = {}, _TASK_CACHE[key]
+        else:
+            self._envs, self._mw_tasks = _build_tasks(classes, task_seed, make_env)
+            _TASK_CACHE[key] = self._mw_tasks
+        self._classes, self._make_env = classes, make_env
+        self.env_names = list(classes)
 
-        first = self._envs[self.env_names[0]]
+        first = self._env_of(self.env_names[0])
         for name, env in self._envs.items():
             for attr in ("observation_space", "action_space"):
                 a, b = getattr(first, attr), getattr(env, attr)
@@ -270,6 +284,13 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         """Every task of the split, in order (``--task-index N`` of ``metarl adapt`` picks the N-th)."""
         return [{"env_name": name, "index": index} for name, index in self._all_tasks]
 
+    def _env_of(self, name: str):
+        """The Meta-World env of class ``name``, built the first time a task of it is set."""
+        env = self._envs.get(name)
+        if env is None:
+            env = self._envs[name] = self._make_env(self._classes[name])
+        return env
+
     @property
     def metaworld_env(self):
         """The Meta-World env instance of the current task's env class."""
@@ -289,7 +310,7 @@ class MetaWorldEnv(MetaEnv, gym.Env):
             raise InvalidTask(
                 f"task field 'index' must be an int in [0, {count - 1}] for env_name {name!r}, got {index!r}"
             )
-        env = self._envs[name]
+        env = self._env_of(name)
         env.set_task(self._mw_tasks[name][index])  # freezes the goal: resets keep it
         self._env = env
         self._needs_reset = True

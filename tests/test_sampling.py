@@ -107,6 +107,38 @@ def test_same_seed_same_episodes_whatever_the_grouping(env_id, episodes, hidden)
     assert not torch.equal(whole.actions, other.actions)
 
 
+@pytest.mark.parametrize(
+    "env_id, env_kwargs",
+    [
+        (CHEETAH, {}),
+        ("metarl/AntDir-v0", {}),
+        ("metarl/HopperRandParams-v0", {}),
+        ("metarl/MetaWorld-ML1-v0", {"task_name": "push-v3"}),
+    ],
+)
+def test_batched_physics_samples_the_episodes_of_each_envs_own_step(env_id, env_kwargs):
+    # The fast paths (envs.batched, envs.metaworld_batch) against the reference path (each env's
+    # own step), on one and two physics threads; Ant and Hopper episodes end early (terminations).
+    def sampler(**kwargs):
+        return VectorSampler(env_id, episodes_per_task=3, horizon=40, env_kwargs=env_kwargs, **kwargs)
+
+    reference = sampler(batch_physics=False)
+    policy = policy_for(reference, init_std=2.0)
+    probe = gym.make(env_id, **env_kwargs)
+    probe.reset(seed=0)
+    tasks, seeds = probe.unwrapped.sample_tasks(3), task_seeds(5, 1, n=3)
+    expected = reference.sample(policy, policy.params(), tasks, seeds)
+    assert not reference.batch_physics
+    for threads in (1, 2):
+        fast = sampler(physics_threads=threads)
+        assert fast.batch_physics
+        assert equal(fast.sample(policy, policy.params(), tasks, seeds), expected)
+    if env_id in ("metarl/AntDir-v0", "metarl/HopperRandParams-v0"):
+        assert expected.terminated.any() and (expected.lengths < 40).any()
+    if "MetaWorld" in env_id:
+        assert expected.success is not None
+
+
 def test_per_task_parameters_drive_their_own_tasks():
     sampler = VectorSampler(CHEETAH, episodes_per_task=2, horizon=15)
     policies = [policy_for(sampler, seed=s) for s in range(3)]

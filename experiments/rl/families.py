@@ -38,7 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULTS = ROOT / "experiments" / "results"
-#: The comparison's budget, the same for every family (the PPO jobs take about 15 minutes on 2 cores).
+#: The comparison's budget, the same for every family. Its PPO jobs take most of its time: about 57 minutes
+#: of wall time for HalfCheetahVel with --jobs 2 while another evaluation shared the 2 cores.
 PROTOCOL = [
     "--num-tasks",
     "40",

@@ -34,7 +34,14 @@ from metarl.runs.rundir import (
 
 EXIT_USAGE = 2
 # keys that may change when resuming: they do not change the results
-RESUMABLE = ("num_iterations", "threads", "ray.workers", "ray.address")
+RESUMABLE = (
+    "num_iterations",
+    "threads",
+    "ray.workers",
+    "ray.address",
+    "sampler.batch_physics",
+    "sampler.physics_threads",
+)
 
 
 def _default_run_dir(cfg) -> Path:

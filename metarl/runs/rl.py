@@ -92,6 +92,8 @@ class RLExperiment(Experiment):
                     horizon=cfg.horizon,
                     env_kwargs=env_kwargs,
                     action_scale=cfg.action_scale,
+                    batch_physics=cfg.sampler.batch_physics,
+                    physics_threads=cfg.sampler.physics_threads,
                     address=cfg.ray.address,
                     on_event=self._on_event,
                 )
@@ -102,6 +104,8 @@ class RLExperiment(Experiment):
                     horizon=cfg.horizon,
                     env_kwargs=env_kwargs,
                     action_scale=cfg.action_scale,
+                    batch_physics=cfg.sampler.batch_physics,
+                    physics_threads=cfg.sampler.physics_threads,
                 ).bind(self.rollout_policy)
         return self._samplers[key]
 

@@ -50,9 +50,20 @@ class OuterConfig(ConfigModel):
 
 
 class RayConfig(ConfigModel):
-    workers: int = option(0, ge=0, doc="Ray rollout workers, one CPU each (0: sample in-process, no Ray).")
+    workers: int = option(0, ge=0, doc="Ray rollout workers, sampler.physics_threads CPUs each (0: sample in-process, no Ray).")
     address: str | None = option(
         None, doc="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); null: RAY_ADDRESS, else a new local Ray."
+    )
+
+
+class SamplerConfig(ConfigModel):
+    batch_physics: bool = option(
+        True,
+        doc="Step the MuJoCo locomotion families' envs together: physics per env, observations and rewards in "
+        "NumPy for all (the same episodes as each env's own step; false: each env's step).",
+    )
+    physics_threads: int = option(
+        1, ge=1, doc="Threads stepping that physics in the sampler (in each Ray worker, which then takes as many CPUs)."
     )
 
 
@@ -103,6 +114,7 @@ class RLConfig(ConfigModel):
     policy: PolicyConfig = option(default_factory=PolicyConfig, doc="Policy network.")
     inner: InnerConfig = option(default_factory=InnerConfig, doc="Inner loop (adaptation).")
     outer: OuterConfig = option(default_factory=OuterConfig, doc="Outer loop (meta-update).")
+    sampler: SamplerConfig = option(default_factory=SamplerConfig, doc="Episode sampling (in-process or per worker).")
     ray: RayConfig = option(default_factory=RayConfig, doc="Ray rollout workers (episode sampling).")
     eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
 

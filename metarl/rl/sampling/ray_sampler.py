@@ -56,7 +56,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if address is None:
         kwargs["num_cpus"] = num_cpus
         # the sampler's workers import metarl, envs and agents from the project root
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
     else:
@@ -80,6 +80,8 @@ class _RolloutWorker:
         horizon: int | None,
         env_kwargs: Mapping[str, Any],
         action_scale: float | None = None,
+        batch_physics: bool = True,
+        physics_threads: int = 1,
     ) -> None:
         from metarl.rl.sampling.vector import VectorSampler
 
@@ -91,6 +93,8 @@ class _RolloutWorker:
             horizon=horizon,
             env_kwargs=env_kwargs,
             action_scale=action_scale,
+            batch_physics=batch_physics,
+            physics_threads=physics_threads,
         )
 
     def pid(self) -> int:
@@ -118,8 +122,9 @@ class RaySampler:
     Args:
         env_id: registered task family.
         policy: the policy module (sent to each actor once; parameters travel per call).
-        episodes_per_task, horizon, env_kwargs, action_scale: as :class:`~metarl.rl.sampling.VectorSampler`.
-        num_workers: number of actors (each takes one CPU).
+        episodes_per_task, horizon, env_kwargs, action_scale, batch_physics, physics_threads: as
+            :class:`~metarl.rl.sampling.VectorSampler`.
+        num_workers: number of actors (each takes ``physics_threads`` CPUs).
         address: Ray cluster to join (None: ``RAY_ADDRESS`` or a new local Ray).
         max_replacements: how many dead actors one call may replace before it gives up.
         on_event: called with a dict for every replaced worker (e.g. the run's logger); when given,
@@ -138,6 +143,8 @@ class RaySampler:
         horizon: int | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
         action_scale: float | None = None,
+        batch_physics: bool = True,
+        physics_threads: int = 1,
         address: str | None = None,
         max_replacements: int = 8,
         on_event: Callable[[dict[str, Any]], None] | None = None,
@@ -150,9 +157,20 @@ class RaySampler:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         horizon = resolve_horizon(env_id, horizon)
-        init_ray(address, num_cpus=None if address else num_workers)
-        self._remote_cls = ray.remote(num_cpus=1, max_restarts=0)(_RolloutWorker)
-        self._args = (env_id, policy, episodes_per_task, horizon, dict(env_kwargs or {}), action_scale)
+        if physics_threads < 1:
+            raise ValueError(f"physics_threads must be >= 1, got {physics_threads}")
+        init_ray(address, num_cpus=None if address else num_workers * physics_threads)
+        self._remote_cls = ray.remote(num_cpus=physics_threads, max_restarts=0)(_RolloutWorker)
+        self._args = (
+            env_id,
+            policy,
+            episodes_per_task,
+            horizon,
+            dict(env_kwargs or {}),
+            action_scale,
+            batch_physics,
+            physics_threads,
+        )
         self.episodes_per_task = episodes_per_task
         self.horizon = horizon
         self.num_workers = num_workers
@@ -167,8 +185,9 @@ class RaySampler:
             self.close()
             raise RuntimeError(
                 f"could not start {num_workers} rollout workers within {start_timeout_s:.0f} s: each "
-                f"needs one CPU and the Ray cluster has {free:g} free; lower ray.num_workers or "
-                f"add nodes"
+                f"needs {physics_threads} CPU(s) (sampler.physics_threads) and the Ray cluster has {free:g} "
+                f"free; lower ray.workers or sampler.physics_threads, or add nodes (on a busy machine "
+                f"the workers, which run at low priority, may also start too slowly)"
             ) from None
 
     def worker_pids(self) -> list[int]:

@@ -14,7 +14,10 @@ runs episode ``e`` of task ``n``) and, per call, runs exactly one episode in eac
   when every episode has ended or the horizon ``H`` is reached (truncation).
 
 Families with a native vector env (Navigation2D) step all envs in one array operation; the
-others step a list of unwrapped envs in a plain loop that only touches the running ones (no
+MuJoCo locomotion families (HalfCheetah, Ant, Hopper, Walker2d, rand-params included) step the
+physics of all running envs per call and compute observations, rewards and terminations for all
+of them in NumPy (:mod:`envs.batched`: the same episodes as the envs' own ``step``); the others
+(Meta-World) step a list of unwrapped envs in a plain loop that only touches the running ones (no
 gymnasium wrappers, no info merging: the sampler needs observations, rewards and the two end
 flags). Actions are clipped to a ``Box`` action space (or mapped onto it from
 ``[-action_scale, action_scale]``: :mod:`metarl.rl.actions`) before they reach the env; the
@@ -32,6 +35,9 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401  (registers the metarl/ families)
+from envs.batched import PhysicsBatch, batched_kind
+from envs.metaworld_batch import MetaWorldBatch
+from envs.metaworld_tasks import MetaWorldEnv
 from metarl.rl.actions import ActionMap
 from metarl.rl.episodes import Episodes
 
@@ -141,6 +147,53 @@ class _ListBatch:
             env.close()
 
 
+class _PhysicsListBatch(_ListBatch):
+    """The locomotion families: the same envs, stepped together by :class:`envs.batched.PhysicsBatch`.
+
+    The physics of all running envs per call (on ``threads`` threads), the observations, rewards
+    and terminations in NumPy; the episodes equal those of the envs' own ``step``."""
+
+    def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any], threads: int) -> None:
+        super().__init__(env_id, num_envs, horizon, env_kwargs)
+        self.physics = PhysicsBatch(self.envs, threads=threads)
+
+    def set_tasks(self, tasks: Sequence[dict[str, Any]]) -> None:
+        super().set_tasks(tasks)
+        self.physics.refresh_tasks()
+
+    def step(self, actions: np.ndarray, running: np.ndarray):
+        obs, rewards, terminated, _ = self.physics.step(actions, running)
+        self._obs[running] = obs[running]
+        return (
+            self._obs.copy(),
+            np.where(running, rewards, 0.0),
+            running & terminated,
+            np.zeros(self.num_envs, dtype=bool),
+        )
+
+    def close(self) -> None:
+        self.physics.close()
+
+
+class _MetaWorldListBatch(_ListBatch):
+    """Meta-World: the same envs, stepped together by :class:`envs.metaworld_batch.MetaWorldBatch`
+    (Meta-World's step without its overhead, quaternions batched; the same episodes)."""
+
+    def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any], threads: int) -> None:
+        super().__init__(env_id, num_envs, horizon, env_kwargs)
+        self.physics = MetaWorldBatch(self.envs, threads=threads)
+        self.reports_success = True
+
+    def step(self, actions: np.ndarray, running: np.ndarray):
+        obs, rewards, terminated, truncated, _ = self.physics.step(actions, running)
+        self._obs[running] = obs[running]
+        self.success[running & (self.physics.success > 0)] = 1.0
+        return self._obs.copy(), np.where(running, rewards, 0.0), running & terminated, running & truncated
+
+    def close(self) -> None:
+        self.physics.close()
+
+
 def _spec(env_id: str):
     try:
         return gym.spec(env_id)
@@ -166,6 +219,9 @@ class VectorSampler:
         env_kwargs: constructor arguments of the env.
         action_scale: policy actions in ``[-action_scale, action_scale]`` map onto the env's
             bounds (:mod:`metarl.rl.actions`); None: they are clipped to the bounds.
+        batch_physics: step the MuJoCo locomotion families with :class:`envs.batched.PhysicsBatch`
+            (the same episodes; False: each env's own ``step``, the reference path).
+        physics_threads: threads stepping that physics (MuJoCo releases the GIL).
     """
 
     def __init__(
@@ -176,6 +232,8 @@ class VectorSampler:
         horizon: int | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
         action_scale: float | None = None,
+        batch_physics: bool = True,
+        physics_threads: int = 1,
     ) -> None:
         if episodes_per_task < 1:
             raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
@@ -186,9 +244,15 @@ class VectorSampler:
         self.env_kwargs = dict(env_kwargs or {})
         self._native = spec.vector_entry_point is not None
         self._batch: _NativeBatch | _ListBatch | None = None
+        if physics_threads < 1:
+            raise ValueError(f"physics_threads must be >= 1, got {physics_threads}")
         probe = gym.make(env_id, disable_env_checker=True, **self.env_kwargs)
         self.observation_space = probe.observation_space
         self.action_space = probe.action_space
+        kind = "metaworld" if isinstance(probe.unwrapped, MetaWorldEnv) else batched_kind(probe.unwrapped)
+        self.batch_physics = bool(batch_physics) and not self._native and kind is not None
+        self._batch_class = _MetaWorldListBatch if kind == "metaworld" else _PhysicsListBatch
+        self.physics_threads = int(physics_threads)
         probe.close()
         self.action_scale = action_scale
         self._action_map = None
@@ -201,8 +265,13 @@ class VectorSampler:
         if self._batch is None or self._batch.num_envs != num_envs:
             if self._batch is not None:
                 self._batch.close()
-            cls = _NativeBatch if self._native else _ListBatch
-            self._batch = cls(self.env_id, num_envs, self.horizon, self.env_kwargs)
+            if self._native:
+                self._batch = _NativeBatch(self.env_id, num_envs, self.horizon, self.env_kwargs)
+            elif self.batch_physics:
+                args = (self.env_id, num_envs, self.horizon, self.env_kwargs, self.physics_threads)
+                self._batch = self._batch_class(*args)
+            else:
+                self._batch = _ListBatch(self.env_id, num_envs, self.horizon, self.env_kwargs)
         return self._batch
 
     def close(self) -> None:

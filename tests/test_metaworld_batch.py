@@ -1,0 +1,102 @@
+"""The batched Meta-World path (envs.metaworld_batch) against MetaWorldEnv.step, task by task.
+
+Every env class of ML1 reach-v3 / push-v3 and of ML10's train and test splits runs a whole episode
+(Meta-World's 500 steps, to truncation) with random actions in a batch, and the same episode in its
+own reference env (one reference per batch env, so both have the same history: a Meta-World reset
+starts from the previous episode's solver state). Then every env gets another class's task (or
+another goal), is reset and runs again. Observations, rewards, success flags and truncations must
+be equal, bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from envs.metaworld_batch import MetaWorldBatch
+from envs.metaworld_tasks import MetaWorldEnv
+
+HORIZON = 500
+
+
+def _compare(rounds: list[list[dict]], *, steps: int = HORIZON, threads: int = 1, **kwargs) -> dict[str, float]:
+    n = len(rounds[0])
+    reference = [MetaWorldEnv(**kwargs) for _ in range(n)]
+    batch = MetaWorldBatch([MetaWorldEnv(**kwargs) for _ in range(n)], threads=threads)
+    rng = np.random.default_rng(3)
+    seen = {"success": 0.0, "truncations": 0}
+    for r, tasks in enumerate(rounds):
+        for env, task in zip(reference, tasks):
+            env.set_task(task)
+        batch.set_tasks(tasks)
+        seeds = [10 * r + i for i in range(n)]
+        expected = np.stack([env.reset(seed=s)[0] for env, s in zip(reference, seeds)])
+        np.testing.assert_array_equal(batch.reset(seeds), expected)
+        for t in range(steps):
+            actions = rng.uniform(-1, 1, size=(n, 4)).astype(np.float32)
+            obs, reward, terminated, truncated, infos = batch.step(actions)
+            for i, env in enumerate(reference):
+                o, rew, te, tr, info = env.step(actions[i])
+                where = f"{tasks[i]} step {t}"
+                np.testing.assert_array_equal(obs[i], o, err_msg=where)
+                assert reward[i] == rew, where
+                assert (bool(terminated[i]), bool(truncated[i])) == (te, tr), where
+                assert infos[i] == info, where
+                seen["success"] += info["success"]
+                seen["truncations"] += tr
+    return seen
+
+
+def _classes(split_env: MetaWorldEnv) -> list[dict]:
+    return [{"env_name": name, "index": i % 50} for i, name in enumerate(split_env.env_names)]
+
+
+@pytest.mark.parametrize("task_name", ["reach-v3", "push-v3"])
+def test_ml1_batched_step_equals_metaworld(task_name):
+    rounds = [
+        [{"env_name": task_name, "index": i} for i in (0, 17, 33)],
+        [{"env_name": task_name, "index": i} for i in (5, 49, 0)],
+    ]
+    seen = _compare(rounds, benchmark="ML1", task_name=task_name)
+    assert seen["truncations"] == 2 * 3  # every episode reached Meta-World's horizon
+
+
+def test_ml10_train_batched_step_equals_metaworld():
+    classes = _classes(MetaWorldEnv(benchmark="ML10", split="train"))
+    assert len(classes) == 10
+    # five rounds of two envs (building an ML10 env builds all its classes: few envs, many rounds):
+    # every train class, and every env changes class between rounds
+    _compare([classes[k : k + 2] for k in range(0, 10, 2)], benchmark="ML10", split="train", threads=2)
+
+
+def test_ml10_test_batched_step_equals_metaworld():
+    classes = _classes(MetaWorldEnv(benchmark="ML10", split="test"))
+    assert len(classes) == 5
+    _compare([classes[0:2], classes[2:4], [classes[4], classes[0]]], benchmark="ML10", split="test")
+
+
+def test_batched_step_needs_a_reset():
+    batch = MetaWorldBatch([MetaWorldEnv(benchmark="ML1", task_name="reach-v3")])
+    with pytest.raises(RuntimeError, match="reset"):
+        batch.step(np.zeros((1, 4)))
+
+
+def test_lazily_built_classes_give_the_episodes_of_an_eagerly_built_env():
+    from envs import metaworld_tasks
+
+    metaworld_tasks._TASK_CACHE.clear()
+    eager = MetaWorldEnv(benchmark="ML10", split="test")  # draws the goals: builds every class
+    lazy = MetaWorldEnv(benchmark="ML10", split="test")  # reuses them: builds a class on first use
+    assert len(eager._envs) == 5 and len(lazy._envs) == 1
+    assert lazy._mw_tasks is eager._mw_tasks
+    rng = np.random.default_rng(0)
+    for task in ({"env_name": lazy.env_names[3], "index": 7}, {"env_name": lazy.env_names[0], "index": 2}):
+        eager.set_task(task)
+        lazy.set_task(task)
+        np.testing.assert_array_equal(eager.reset(seed=1)[0], lazy.reset(seed=1)[0])
+        for _ in range(100):
+            action = rng.uniform(-1, 1, 4).astype(np.float32)
+            a, b = eager.step(action), lazy.step(action)
+            np.testing.assert_array_equal(a[0], b[0])
+            assert a[1:] == b[1:]
+    assert len(lazy._envs) == 2
