@@ -164,21 +164,30 @@ class PhysicsBatch:
         """
         actions = np.asarray(actions)
         index = np.arange(self.num_envs) if running is None else np.flatnonzero(running)
-        views = self._views
-        if self._pool is None or index.size < 2 * self.threads:
-            self._physics(index, actions, views)
-        else:
-            chunks = np.array_split(index, self.threads)
-            for future in [self._pool.submit(self._physics, chunk, actions, views) for chunk in chunks]:
-                future.result()
+        run_split(self._pool, self.threads, self._physics, index, actions, self._views)
         return _TERMS[self.kind](self, actions)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        for env in self.envs:
-            env.close()
+        close_batch(self)
+
+
+def run_split(pool: ThreadPoolExecutor | None, threads: int, fn, index: np.ndarray, *args) -> None:
+    """``fn(chunk, *args)`` over ``index`` split into ``threads`` contiguous chunks on ``pool``
+    (in the calling thread when there is no pool or too few envs to share)."""
+    if pool is None or index.size < 2 * threads:
+        fn(index, *args)
+        return
+    for future in [pool.submit(fn, chunk, *args) for chunk in np.array_split(index, threads)]:
+        future.result()
+
+
+def close_batch(batch: Any) -> None:
+    """Stop a batch's thread pool and close its envs."""
+    if batch._pool is not None:
+        batch._pool.shutdown()
+        batch._pool = None
+    for env in batch.envs:
+        env.close()
 
 
 # ---------------------------------------------------------------------- terms per family

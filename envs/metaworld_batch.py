@@ -42,6 +42,8 @@ import mujoco
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from envs.batched import close_batch, run_split
+
 _MOCAP_QUAT = np.array([1, 0, 1, 0])
 
 
@@ -166,12 +168,7 @@ class MetaWorldBatch:
                 raise RuntimeError("MetaWorldBatch: reset() the envs before step(), after construction and set_task()")
             if env._env._did_see_sim_exception:  # never set by Meta-World v3; keep its own path if it is
                 raise RuntimeError("MetaWorldBatch: a Meta-World env saw a simulation exception")
-        if self._pool is None or index.size < 2 * self.threads:
-            self._physics(index, actions)
-        else:
-            chunks = np.array_split(index, self.threads)
-            for future in [self._pool.submit(self._physics, chunk, actions) for chunk in chunks]:
-                future.result()
+        run_split(self._pool, self.threads, self._physics, index, actions)
 
         current = self._current_observations(index)
         k_envs = len(index)
@@ -252,7 +249,7 @@ class MetaWorldBatch:
                     if nan_at.size != 4 * calls:  # a class that computes on its quaternion: redo it directly
                         del matrices[before:]
                         with _rotation(m for m in saved if m is info.module):
-                            row = self._current_one(env, info)
+                            row = np.asarray(env._get_curr_obs_combined_no_goal(), dtype=np.float64)
                     else:
                         pending.append((len(rows), nan_at, before))
                 rows.append(row)
@@ -266,16 +263,8 @@ class MetaWorldBatch:
                 rows[row][nan_at] = quats[before : before + count].ravel()
         return rows
 
-    @staticmethod
-    def _current_one(env: Any, info: _ClassInfo) -> np.ndarray:
-        return np.asarray(env._get_curr_obs_combined_no_goal(), dtype=np.float64)
-
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        for env in self.envs:
-            env.close()
+        close_batch(self)
 
 
 @contextmanager
