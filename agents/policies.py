@@ -30,13 +30,10 @@ from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, Normal
 
 
-def _tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh(x) as 2 sigmoid(2x) - 1: the same function (within 2e-7 in float32), about 3x faster
-    than ``torch.tanh`` on CPU, where the policy forward of every sampler step spends its time."""
-    return torch.sigmoid(x * 2).mul(2).sub(1)
-
-
-ACTIVATIONS = {"tanh": _tanh, "relu": torch.relu}
+#: ``torch.tanh``, not ``2 sigmoid(2x) - 1``: the sigmoid form is faster in a plain forward pass
+#: (258 vs 421 us for [800, 64] on one core), but differentiating it twice, as the second-order
+#: meta-update does, takes 1.7x as long (673 vs 398 ms for [40, 4000, 64]; measured 2026-11-30).
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
 
 class _MLPPolicy(nn.Module):

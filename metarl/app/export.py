@@ -21,8 +21,7 @@ or ``Discrete`` actions, tanh or ReLU hidden layers, no layers shared between ac
 outputs. Anything else raises ``ValueError`` saying what is wrong and what is supported.
 
 Two behaviours differ by design and are not checked: SB3's ``predict`` clips Box actions to the
-action-space bounds (the metarl policy's mean is unclipped; metarl envs clip in ``step``), and
-metarl's "tanh" is computed as ``2 sigmoid(2x) - 1`` (equal to ``torch.tanh`` within 2e-7).
+action-space bounds (the metarl policy's mean is unclipped; metarl envs clip in ``step``).
 """
 
 from __future__ import annotations
