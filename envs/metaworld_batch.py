@@ -5,9 +5,9 @@ and replaces their ``step`` with the same computation, reorganised:
 
 1. **Physics, per env** (on ``threads`` threads; MuJoCo releases the GIL): the mocap target from
    the action (clipped, scaled, bounded as ``SawyerXYZEnv.set_xyz_action``), the gripper control,
-   ``frame_skip`` MuJoCo steps, ``mj_rnePostConstraint``, the target sites, ``mj_forward``, exactly
-   as ``SawyerXYZEnv.step`` and gymnasium's ``MujocoEnv.do_simulation`` do, minus their checks and
-   per-step allocations.
+   ``frame_skip`` MuJoCo steps, ``mj_rnePostConstraint``, ``mj_forward``, exactly
+   as ``SawyerXYZEnv.step`` and gymnasium's ``MujocoEnv.do_simulation`` do, minus their checks,
+   per-step allocations and the target-site writes that ``mj_forward`` overwrites.
 2. **Observation**: the hand position, the gripper opening and the object positions read as
    ``SawyerXYZEnv._get_curr_obs_combined_no_goal`` does, from cached body ids instead of name
    lookups; each env class's own ``_get_pos_objects`` and ``_get_quat_objects`` (Meta-World's code,
@@ -132,23 +132,25 @@ class MetaWorldBatch:
 
     def _physics(self, index: np.ndarray, actions: np.ndarray) -> None:
         envs = self.envs
+        deltas = np.clip(actions[:, :3], -1, 1)  # SawyerXYZEnv.set_xyz_action's clip, for all envs at once
         for i in index:
             env = envs[i]._env
             data, model = env.data, env.model
-            action = actions[i]
-            # SawyerXYZEnv.set_xyz_action
-            pos_delta = np.clip(action[:3], -1, 1) * env.action_scale
-            new_mocap_pos = data.mocap_pos + pos_delta[None]
-            new_mocap_pos[0, :] = np.clip(new_mocap_pos[0, :], env.mocap_low, env.mocap_high)
+            # the rest of SawyerXYZEnv.set_xyz_action: scale, move the mocap, keep it in bounds
+            new_mocap_pos = data.mocap_pos + deltas[i] * env.action_scale
+            hand = new_mocap_pos[0]
+            np.minimum(np.maximum(hand, env.mocap_low, out=hand), env.mocap_high, out=hand)  # np.clip's arithmetic
             data.mocap_pos = new_mocap_pos
             data.mocap_quat = _MOCAP_QUAT
             # MujocoEnv.do_simulation([a[-1], -a[-1]], frame_skip)
-            data.ctrl[:] = (action[-1], -action[-1])
+            grip = actions[i, -1]
+            data.ctrl[:] = (grip, -grip)
             mujoco.mj_step(model, data, nstep=env.frame_skip)
             mujoco.mj_rnePostConstraint(model, data)
             env.curr_path_length += 1
-            for site in env._target_site_config:
-                env._set_pos_site(*site)
+            # SawyerXYZEnv.step writes the target sites' positions (data.site(name).xpos) here; the
+            # mj_forward below recomputes every site position from the model, so that write has no
+            # effect on anything the step returns and is left out.
             mujoco.mj_forward(model, data)
 
     def step(self, actions: np.ndarray, running: np.ndarray | None = None):
