@@ -239,6 +239,21 @@ def test_ray_sampler_equals_the_in_process_sampler(ray_local, workers):
         sampler.close()
 
 
+def test_ray_trials_of_a_recurrent_policy_equal_the_in_process_trials(ray_local):
+    from agents.recurrent_policy import RecurrentGaussianPolicy
+    from metarl.rl.sampling import RaySampler
+
+    local = VectorSampler(CHEETAH, episodes_per_task=4, horizon=12, episodes_per_trial=2)
+    torch.manual_seed(0)
+    policy = RecurrentGaussianPolicy(local.observation_space.shape[0], local.action_space.shape[0], hidden_size=16)
+    tasks, seeds = tasks_of(CHEETAH, 3), task_seeds(1, 1, n=3)
+    sampler = RaySampler(CHEETAH, policy=policy, episodes_per_task=4, horizon=12, num_workers=2, episodes_per_trial=2)
+    try:
+        assert equal(sampler.sample(policy.params(), tasks, seeds), local.sample(policy, policy.params(), tasks, seeds))
+    finally:
+        sampler.close()
+
+
 def _killed_worker_run(kill_after_s: float | None):
     """Sample 8 tasks with 2 workers, SIGKILLing worker 0 before the call (None) or during it."""
     import ray

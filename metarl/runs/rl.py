@@ -61,8 +61,16 @@ class RLExperiment(Experiment):
         torch.manual_seed(cfg.seed)
         p = cfg.policy
         self.policy = make_policy(
-            probe.observation_space, probe.action_space, hidden=p.hidden, activation=p.activation, init_std=p.init_std
+            probe.observation_space,
+            probe.action_space,
+            hidden=p.hidden,
+            activation=p.activation,
+            init_std=p.init_std,
+            recurrent=p.recurrent,
+            rnn_size=p.rnn_size,
         ).to(self.device)
+        #: RL^2: the learner adapts by running trials of ``episodes_per_trial`` episodes, not by gradient
+        self.trials = p.recurrent is not None
         self.model = self.policy
         self.rollout_policy = copy.deepcopy(self.policy).cpu()  # structure only: parameters travel per call
         self.objective = PolicyGradientObjective(self.policy)
@@ -74,12 +82,14 @@ class RLExperiment(Experiment):
         self._samplers: dict[tuple, Any] = {}
 
     # -- sampling ----------------------------------------------------------------------------
-    def sampler(self, test: bool = False, episodes: int | None = None):
-        """The sampler (in-process, or Ray workers when ``ray.workers > 0``) of a split and size."""
+    def sampler(self, test: bool = False, episodes: int | None = None, episodes_per_trial: int | None = None):
+        """The sampler (in-process, or Ray workers when ``ray.workers > 0``) of a split and size
+        (``episodes`` per task, in trials of ``episodes_per_trial`` for RL^2)."""
         cfg = self.cfg
         env_kwargs = cfg.env_kwargs(test=test)
         e = episodes or cfg.episodes_per_task
-        key = (tuple(sorted(env_kwargs.items())), e)
+        k = episodes_per_trial or cfg.episodes_per_trial
+        key = (tuple(sorted(env_kwargs.items())), e, k)
         if key not in self._samplers:
             if cfg.ray.workers > 0:
                 from metarl.rl.sampling.ray_sampler import RaySampler
@@ -94,6 +104,7 @@ class RLExperiment(Experiment):
                     action_scale=cfg.action_scale,
                     batch_physics=cfg.sampler.batch_physics,
                     physics_threads=cfg.sampler.physics_threads,
+                    episodes_per_trial=k,
                     address=cfg.ray.address,
                     on_event=self._on_event,
                 )
@@ -106,6 +117,7 @@ class RLExperiment(Experiment):
                     action_scale=cfg.action_scale,
                     batch_physics=cfg.sampler.batch_physics,
                     physics_threads=cfg.sampler.physics_threads,
+                    episodes_per_trial=k,
                 ).bind(self.rollout_policy)
         return self._samplers[key]
 
@@ -183,7 +195,7 @@ class RLExperiment(Experiment):
     def train_iteration(self, it: int) -> dict[str, Any]:
         cfg = self.cfg
         tasks = self.sample_tasks(TRAIN, it, cfg.meta_batch_size)
-        batch, times = self.adapt_and_sample(tasks, (TRAIN, it), cfg.inner.steps)
+        batch, times = self.adapt_and_sample(tasks, (TRAIN, it), 0 if self.trials else cfg.inner.steps)
         t1 = time.perf_counter()
         update = self.learner.step(batch, it)
         t2 = time.perf_counter()
@@ -198,7 +210,10 @@ class RLExperiment(Experiment):
         self.env_steps += learned_from
         self.monitoring_steps += monitoring
         row: dict[str, Any] = {}
-        returns = [d.episodes.returns_per_episode().mean(1) for d in [*train, valid]]
+        if self.trials:  # RL^2: the return of each episode of the trials, in order
+            returns = list(self.per_trial_episode(valid.episodes.returns_per_episode()).unbind(1))
+        else:
+            returns = [d.episodes.returns_per_episode().mean(1) for d in [*train, valid]]
         row["return/pre_adapt"] = float(returns[0].mean())
         row["return/post_adapt"] = float(returns[-1].mean())
         row["return/pre_adapt_std"] = float(returns[0].std()) if len(tasks) > 1 else 0.0
@@ -206,8 +221,12 @@ class RLExperiment(Experiment):
         for s, r in enumerate(returns[1:], start=1):
             row[f"return/post_adapt_step{s}"] = float(r.mean())
         if valid.episodes.success is not None:  # Meta-World
-            row["success/pre_adapt"] = float(train[0].episodes.success.mean())
-            row["success/post_adapt"] = float(valid.episodes.success.mean())
+            if self.trials:
+                success = self.per_trial_episode(valid.episodes.success)
+                row["success/pre_adapt"], row["success/post_adapt"] = float(success[:, 0].mean()), float(success[:, -1].mean())
+            else:
+                row["success/pre_adapt"] = float(train[0].episodes.success.mean())
+                row["success/post_adapt"] = float(valid.episodes.success.mean())
         row.update(update)
         row["env_steps"] = self.env_steps
         if not self.learner.uses_query:
@@ -218,6 +237,13 @@ class RLExperiment(Experiment):
         row["time/meta_update"] = t2 - t1
         return row
 
+    def per_trial_episode(self, values: torch.Tensor, episodes_per_trial: int | None = None) -> torch.Tensor:
+        """RL^2: per-episode values ``[N, E]`` (episode ``r * K + k`` is episode ``k`` of trial ``r``)
+        as each task's mean over its trials of episode ``k``: ``[N, K]``."""
+        k = episodes_per_trial or self.cfg.episodes_per_trial
+        n, e = values.shape
+        return values.reshape(n, e // k, k).mean(1)
+
     def run_metrics(self) -> dict[str, Any]:
         return {"sampler/worker_replacements": len(self.events)} if self.events else {}
 
@@ -225,14 +251,20 @@ class RLExperiment(Experiment):
         return f"return pre {row['return/pre_adapt']:.1f} post {row['return/post_adapt']:.1f}"
 
     def validate(self) -> dict[str, float]:
-        curve = self.curve(VAL, 0, self.cfg.eval.val_tasks, steps=self.cfg.inner.steps)
+        steps = self.cfg.episodes_per_trial - 1 if self.trials else self.cfg.inner.steps
+        curve = self.curve(VAL, 0, self.cfg.eval.val_tasks, steps=steps)
         mean = curve.mean(0)
         return {"val/return_pre_adapt": float(mean[0]), "val/return_post_adapt": float(mean[-1])}
 
     # -- evaluation --------------------------------------------------------------------------
     def curve(self, split: int, key: int, num_tasks: int, *, steps: int) -> np.ndarray:
-        """Mean episode return of each task after 0..steps inner steps: ``[num_tasks, steps + 1]``."""
+        """Mean episode return of each task after 0..steps inner steps: ``[num_tasks, steps + 1]``.
+
+        RL^2: after 0..steps episodes of experience, i.e. the return of episodes 1..steps+1 of
+        trials of ``steps + 1`` episodes (as many trials per task as in training)."""
         cfg = self.cfg
+        if self.trials:
+            return self._trial_curve(split, key, num_tasks, steps=steps)
         lrs = inner_lrs(cfg.inner.lr, steps)
         sampler = self.sampler(test=split == TEST, episodes=cfg.eval.episodes_per_task)
         rows = []
@@ -242,6 +274,20 @@ class RLExperiment(Experiment):
             batch, _ = self.adapt_and_sample(chunk, (split, key, lo), steps, sampler=sampler, lrs=lrs)
             per_step = [d.episodes.returns_per_episode().mean(1) for d in [*batch.train, batch.valid]]
             rows.append(torch.stack(per_step, dim=1).cpu().numpy())
+        return np.concatenate(rows)
+
+    def _trial_curve(self, split: int, key: int, num_tasks: int, *, steps: int) -> np.ndarray:
+        cfg = self.cfg
+        k = steps + 1
+        trials = cfg.episodes_per_task // cfg.episodes_per_trial
+        sampler = self.sampler(test=split == TEST, episodes=trials * k, episodes_per_trial=k)
+        tasks = self.sample_tasks(split, key, num_tasks)
+        theta = {name: v.detach().cpu() for name, v in self.learner.theta().items()}
+        rows = []
+        for lo in range(0, num_tasks, cfg.meta_batch_size):
+            chunk = tasks[lo : lo + cfg.meta_batch_size]
+            episodes = sampler.sample(theta, chunk, task_seeds(cfg.seed, split, key, lo, 0, n=len(chunk)))
+            rows.append(self.per_trial_episode(episodes.returns_per_episode(), k).numpy())
         return np.concatenate(rows)
 
     def evaluation_curve(self, num_tasks: int, steps: int, seed: int) -> np.ndarray:

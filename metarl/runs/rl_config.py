@@ -14,6 +14,12 @@ class PolicyConfig(ConfigModel):
     hidden: list[int] = option(default_factory=lambda: [64, 64], ge=1, doc="Hidden layer widths of the policy MLP.")
     activation: Literal["tanh", "relu"] = option("tanh", doc="Hidden activation.")
     init_std: float = option(1.0, gt=0, doc="Initial standard deviation of the Gaussian policy.")
+    recurrent: Literal["gru", "lstm"] | None = option(
+        None,
+        doc="RL^2's recurrent policy: a GRU or LSTM over observation, previous action, reward and done flag "
+        "(null: the MLP of `hidden`).",
+    )
+    rnn_size: int = option(256, ge=1, doc="Width of the recurrent policy's state (policy.recurrent).")
 
 
 class InnerConfig(ConfigModel):
@@ -47,6 +53,16 @@ class OuterConfig(ConfigModel):
     epsilon_start: float = option(1.0, gt=0, le=1, doc="Reptile: outer step size at iteration 0.")
     epsilon_end: float = option(0.0, ge=0, le=1, doc="Reptile: outer step size at the last iteration (linear anneal).")
     trpo: TRPOConfig = option(default_factory=TRPOConfig, doc="TRPO meta-update.")
+
+
+class PPOConfig(ConfigModel):
+    lr: float = option(5e-4, gt=0, doc="RL^2: Adam learning rate of PPO.")
+    epochs: int = option(10, ge=1, doc="RL^2: passes over the meta-batch's trials per iteration.")
+    minibatches: int = option(1, ge=1, doc="RL^2: minibatches of whole trials per pass.")
+    clip: float = option(0.2, gt=0, doc="RL^2: PPO's clip range of the probability ratio.")
+    value_coef: float = option(0.5, ge=0, doc="RL^2: weight of the value head's squared error.")
+    entropy_coef: float = option(0.0, ge=0, doc="RL^2: weight of the entropy bonus.")
+    max_grad_norm: float = option(0.5, gt=0, doc="RL^2: gradient-norm clip of each update.")
 
 
 class RayConfig(ConfigModel):
@@ -90,6 +106,12 @@ class RLConfig(ConfigModel):
     meta_batch_size: int = option(20, ge=1, doc="Tasks per meta-update.")
     episodes_per_task: int = option(20, ge=1, doc="Episodes per task for each inner step and for validation.")
     horizon: int | None = option(None, ge=1, doc="Episode length (null: the family's registered horizon).")
+    episodes_per_trial: int = option(
+        1,
+        ge=1,
+        doc="RL^2: episodes of one trial, the recurrent state carried across them (episodes_per_task is a "
+        "multiple: that many trials per task). 1 for the other algorithms.",
+    )
     gamma: float = option(0.99, ge=0, le=1, doc="Discount factor.")
     gae_lambda: float = option(1.0, ge=0, le=1, doc="GAE lambda (1: Monte-Carlo returns minus the baseline).")
     normalize_advantages: bool = option(True, doc="Normalise advantages per task.")
@@ -114,6 +136,7 @@ class RLConfig(ConfigModel):
     policy: PolicyConfig = option(default_factory=PolicyConfig, doc="Policy network.")
     inner: InnerConfig = option(default_factory=InnerConfig, doc="Inner loop (adaptation).")
     outer: OuterConfig = option(default_factory=OuterConfig, doc="Outer loop (meta-update).")
+    ppo: PPOConfig = option(default_factory=PPOConfig, doc="RL^2's PPO.")
     sampler: SamplerConfig = option(default_factory=SamplerConfig, doc="Episode sampling (in-process or per worker).")
     ray: RayConfig = option(default_factory=RayConfig, doc="Ray rollout workers (episode sampling).")
     eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
@@ -133,6 +156,20 @@ class RLConfig(ConfigModel):
             raise field_error("", "ray.workers", "must be >= 1 to sample on the Ray cluster given by ray.address")
         if self.algorithm == "maml_trpo" and self.outer.optimizer != "trpo":
             raise field_error("", "outer.optimizer", "maml_trpo needs trpo (use algorithm fomaml for adam)")
+        recurrent_algorithm = self.algorithm == "rl2"
+        if recurrent_algorithm and self.policy.recurrent is None:
+            raise field_error("", "policy.recurrent", "rl2 needs a recurrent policy: gru or lstm")
+        if not recurrent_algorithm and self.policy.recurrent is not None:
+            raise field_error("", "policy.recurrent", f"must be null for {self.algorithm} (a recurrent policy is rl2's)")
+        if not recurrent_algorithm and self.episodes_per_trial != 1:
+            raise field_error("", "episodes_per_trial", f"must be 1 for {self.algorithm} (trials are rl2's)")
+        if self.episodes_per_task % self.episodes_per_trial:
+            raise field_error(
+                "",
+                "episodes_per_task",
+                f"must be a multiple of episodes_per_trial ({self.episodes_per_trial}): whole trials per task, "
+                f"got {self.episodes_per_task}",
+            )
         return self
 
     def env_kwargs(self, *, test: bool = False) -> dict[str, Any]:

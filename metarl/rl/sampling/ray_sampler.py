@@ -82,6 +82,7 @@ class _RolloutWorker:
         action_scale: float | None = None,
         batch_physics: bool = True,
         physics_threads: int = 1,
+        episodes_per_trial: int = 1,
     ) -> None:
         from metarl.rl.sampling.vector import VectorSampler
 
@@ -95,6 +96,7 @@ class _RolloutWorker:
             action_scale=action_scale,
             batch_physics=batch_physics,
             physics_threads=physics_threads,
+            episodes_per_trial=episodes_per_trial,
         )
 
     def pid(self) -> int:
@@ -122,8 +124,8 @@ class RaySampler:
     Args:
         env_id: registered task family.
         policy: the policy module (sent to each actor once; parameters travel per call).
-        episodes_per_task, horizon, env_kwargs, action_scale, batch_physics, physics_threads: as
-            :class:`~metarl.rl.sampling.VectorSampler`.
+        episodes_per_task, horizon, env_kwargs, action_scale, batch_physics, physics_threads,
+            episodes_per_trial: as :class:`~metarl.rl.sampling.VectorSampler`.
         num_workers: number of actors (each takes ``physics_threads`` CPUs).
         address: Ray cluster to join (None: ``RAY_ADDRESS`` or a new local Ray).
         max_replacements: how many dead actors one call may replace before it gives up.
@@ -145,6 +147,7 @@ class RaySampler:
         action_scale: float | None = None,
         batch_physics: bool = True,
         physics_threads: int = 1,
+        episodes_per_trial: int = 1,
         address: str | None = None,
         max_replacements: int = 8,
         on_event: Callable[[dict[str, Any]], None] | None = None,
@@ -159,6 +162,11 @@ class RaySampler:
         horizon = resolve_horizon(env_id, horizon)
         if physics_threads < 1:
             raise ValueError(f"physics_threads must be >= 1, got {physics_threads}")
+        if episodes_per_trial < 1 or episodes_per_task % episodes_per_trial:
+            raise ValueError(
+                f"episodes_per_task ({episodes_per_task}) must be a multiple of episodes_per_trial "
+                f"({episodes_per_trial}, >= 1): each task's episodes are whole trials"
+            )
         init_ray(address, num_cpus=None if address else num_workers * physics_threads)
         self._remote_cls = ray.remote(num_cpus=physics_threads, max_restarts=0)(_RolloutWorker)
         self._args = (
@@ -170,6 +178,7 @@ class RaySampler:
             action_scale,
             batch_physics,
             physics_threads,
+            episodes_per_trial,
         )
         self.episodes_per_task = episodes_per_task
         self.horizon = horizon

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401  (registers the metarl/ families)
-from envs.batched import PhysicsBatch, batched_kind
-from envs.metaworld_batch import MetaWorldBatch
+from envs.batched import batched_kind
 from envs.metaworld_tasks import MetaWorldEnv
 from metarl.rl.actions import ActionMap
 from metarl.rl.episodes import Episodes
+from metarl.rl.sampling.env_batches import ListBatch, MetaWorldListBatch, NativeBatch, PhysicsListBatch
+from metarl.rl.sampling.trials import sample_trials
 
 PAD = 32  # floats in two AVX-512 vectors (ATen's vectorized loops step by two vectors)
 
@@ -52,146 +53,6 @@ def task_seeds(seed: int, *keys: int, n: int) -> list[int]:
     """
     state = np.random.SeedSequence([seed, *keys]).generate_state(n, dtype=np.uint64)
     return [int(s) >> 1 for s in state]
-
-
-class _NativeBatch:
-    """A family's own vector env (all envs in one array op); steps every env each call."""
-
-    def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any]) -> None:
-        self.env = gym.make_vec(
-            env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", max_episode_steps=horizon, **env_kwargs
-        )
-        self.num_envs = num_envs
-        self.single_observation_space = self.env.single_observation_space
-        self.single_action_space = self.env.single_action_space
-
-    def set_tasks(self, tasks: Sequence[dict[str, Any]]) -> None:
-        self.env.unwrapped.set_tasks(list(tasks), allow_out_of_range=True)
-
-    def reset(self, seeds: Sequence[int]) -> np.ndarray:
-        # A native vector env takes one seed for all its envs; Navigation2D's resets are
-        # deterministic (every episode starts at the origin), so episodes still do not depend
-        # on the batch composition.
-        obs, _ = self.env.reset(seed=int(seeds[0]))
-        return obs
-
-    def step(self, actions: np.ndarray, running: np.ndarray):
-        obs, rewards, terminated, truncated, _ = self.env.step(actions)
-        return obs, rewards, terminated, truncated
-
-    def close(self) -> None:
-        self.env.close()
-
-
-class _ListBatch:
-    """One unwrapped env per slot, stepped in a loop over the running slots only."""
-
-    def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any]) -> None:
-        self.envs = [gym.make(env_id, disable_env_checker=True, **env_kwargs).unwrapped for _ in range(num_envs)]
-        if getattr(self.envs[0], "task_independent_model", False):
-            self._share_model()
-        self.num_envs = num_envs
-        self.single_observation_space = self.envs[0].observation_space
-        self.single_action_space = self.envs[0].action_space
-        obs_dim = int(np.prod(self.single_observation_space.shape))
-        self._obs = np.zeros((num_envs, obs_dim), dtype=np.float32)
-        self._rewards = np.zeros(num_envs)
-        self._terminated = np.zeros(num_envs, dtype=bool)
-        self._truncated = np.zeros(num_envs, dtype=bool)
-        self.success = np.zeros(num_envs, dtype=np.float32)  # info["success"] seen in the episode
-        self.reports_success = False
-
-    def _share_model(self) -> None:
-        """Point every env at the first env's MjModel, each with its own MjData.
-
-        A MuJoCo model is ~0.5 MB against ~15 KB of data: 800 copies of it thrash the CPU
-        caches. Only for families whose task never writes the model (reward-only families)."""
-        import mujoco
-
-        model = self.envs[0].model
-        for env in self.envs[1:]:
-            env.model = model
-            env.data = mujoco.MjData(model)
-
-    def set_tasks(self, tasks: Sequence[dict[str, Any]]) -> None:
-        for env, task in zip(self.envs, tasks):
-            env.set_task(task, allow_out_of_range=True)
-
-    def reset(self, seeds: Sequence[int]) -> np.ndarray:
-        for i, (env, seed) in enumerate(zip(self.envs, seeds)):
-            self._obs[i] = env.reset(seed=int(seed))[0]
-        self.success[:] = 0.0
-        return self._obs.copy()
-
-    def step(self, actions: np.ndarray, running: np.ndarray):
-        obs, rewards, terminated, truncated = self._obs, self._rewards, self._terminated, self._truncated
-        rewards[:] = 0.0
-        terminated[:] = False
-        truncated[:] = False
-        envs_ = self.envs
-        success = self.success
-        for i in np.flatnonzero(running):
-            o, r, te, tr, info = envs_[i].step(actions[i])
-            obs[i] = o
-            rewards[i] = r
-            terminated[i] = te
-            truncated[i] = tr
-            if "success" in info:
-                self.reports_success = True
-                if info["success"]:
-                    success[i] = 1.0
-        return obs.copy(), rewards.copy(), terminated.copy(), truncated.copy()
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-
-
-class _PhysicsListBatch(_ListBatch):
-    """The locomotion families: the same envs, stepped together by :class:`envs.batched.PhysicsBatch`.
-
-    The physics of all running envs per call (on ``threads`` threads), the observations, rewards
-    and terminations in NumPy; the episodes equal those of the envs' own ``step``."""
-
-    def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any], threads: int) -> None:
-        super().__init__(env_id, num_envs, horizon, env_kwargs)
-        self.physics = PhysicsBatch(self.envs, threads=threads)
-
-    def set_tasks(self, tasks: Sequence[dict[str, Any]]) -> None:
-        super().set_tasks(tasks)
-        self.physics.refresh_tasks()
-
-    def step(self, actions: np.ndarray, running: np.ndarray):
-        obs, rewards, terminated, _ = self.physics.step(actions, running)
-        self._obs[running] = obs[running]
-        return (
-            self._obs.copy(),
-            np.where(running, rewards, 0.0),
-            running & terminated,
-            np.zeros(self.num_envs, dtype=bool),
-        )
-
-    def close(self) -> None:
-        self.physics.close()
-
-
-class _MetaWorldListBatch(_ListBatch):
-    """Meta-World: the same envs, stepped together by :class:`envs.metaworld_batch.MetaWorldBatch`
-    (Meta-World's step without its overhead, quaternions batched; the same episodes)."""
-
-    def __init__(self, env_id: str, num_envs: int, horizon: int, env_kwargs: Mapping[str, Any], threads: int) -> None:
-        super().__init__(env_id, num_envs, horizon, env_kwargs)
-        self.physics = MetaWorldBatch(self.envs, threads=threads)
-        self.reports_success = True
-
-    def step(self, actions: np.ndarray, running: np.ndarray):
-        obs, rewards, terminated, truncated, _ = self.physics.step(actions, running)
-        self._obs[running] = obs[running]
-        self.success[running & (self.physics.success > 0)] = 1.0
-        return self._obs.copy(), np.where(running, rewards, 0.0), running & terminated, running & truncated
-
-    def close(self) -> None:
-        self.physics.close()
 
 
 def _spec(env_id: str):
@@ -222,6 +83,9 @@ class VectorSampler:
         batch_physics: step the MuJoCo locomotion families with :class:`envs.batched.PhysicsBatch`
             (the same episodes; False: each env's own ``step``, the reference path).
         physics_threads: threads stepping that physics (MuJoCo releases the GIL).
+        episodes_per_trial: for a recurrent policy (RL^2), the episodes of one trial (``K``): each
+            task's ``E`` episodes are ``E / K`` trials, its state carried across a trial's episodes
+            (:mod:`metarl.rl.sampling.trials`). Feed-forward policies need 1.
     """
 
     def __init__(
@@ -234,16 +98,23 @@ class VectorSampler:
         action_scale: float | None = None,
         batch_physics: bool = True,
         physics_threads: int = 1,
+        episodes_per_trial: int = 1,
     ) -> None:
         if episodes_per_task < 1:
             raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
+        if episodes_per_trial < 1 or episodes_per_task % episodes_per_trial:
+            raise ValueError(
+                f"episodes_per_task ({episodes_per_task}) must be a multiple of episodes_per_trial "
+                f"({episodes_per_trial}, >= 1): each task's episodes are whole trials"
+            )
+        self.episodes_per_trial = int(episodes_per_trial)
         spec = _spec(env_id)
         self.env_id = env_id
         self.episodes_per_task = episodes_per_task
         self.horizon = resolve_horizon(env_id, horizon)
         self.env_kwargs = dict(env_kwargs or {})
         self._native = spec.vector_entry_point is not None
-        self._batch: _NativeBatch | _ListBatch | None = None
+        self._batch: NativeBatch | ListBatch | None = None
         if physics_threads < 1:
             raise ValueError(f"physics_threads must be >= 1, got {physics_threads}")
         probe = gym.make(env_id, disable_env_checker=True, **self.env_kwargs)
@@ -251,7 +122,7 @@ class VectorSampler:
         self.action_space = probe.action_space
         kind = "metaworld" if isinstance(probe.unwrapped, MetaWorldEnv) else batched_kind(probe.unwrapped)
         self.batch_physics = bool(batch_physics) and not self._native and kind is not None
-        self._batch_class = _MetaWorldListBatch if kind == "metaworld" else _PhysicsListBatch
+        self._batch_class = MetaWorldListBatch if kind == "metaworld" else PhysicsListBatch
         self.physics_threads = int(physics_threads)
         probe.close()
         self.action_scale = action_scale
@@ -261,17 +132,17 @@ class VectorSampler:
         elif action_scale is not None:
             raise ValueError(f"action_scale needs a Box action space; {env_id} has {self.action_space}")
 
-    def _envs(self, num_envs: int) -> _NativeBatch | _ListBatch:
+    def _envs(self, num_envs: int) -> NativeBatch | ListBatch:
         if self._batch is None or self._batch.num_envs != num_envs:
             if self._batch is not None:
                 self._batch.close()
             if self._native:
-                self._batch = _NativeBatch(self.env_id, num_envs, self.horizon, self.env_kwargs)
+                self._batch = NativeBatch(self.env_id, num_envs, self.horizon, self.env_kwargs)
             elif self.batch_physics:
                 args = (self.env_id, num_envs, self.horizon, self.env_kwargs, self.physics_threads)
                 self._batch = self._batch_class(*args)
             else:
-                self._batch = _ListBatch(self.env_id, num_envs, self.horizon, self.env_kwargs)
+                self._batch = ListBatch(self.env_id, num_envs, self.horizon, self.env_kwargs)
         return self._batch
 
     def close(self) -> None:
@@ -312,8 +183,15 @@ class VectorSampler:
             raise ValueError(f"need one seed per task: {n} tasks, {len(seeds)} seeds")
         if n == 0:
             raise ValueError("sample needs at least one task")
-        m = n * e
         params = _per_task(params, n, per_task)
+        if getattr(policy, "recurrent", False):
+            return sample_trials(self, policy, params, tasks, seeds)
+        if self.episodes_per_trial != 1:
+            raise ValueError(
+                f"episodes_per_trial={self.episodes_per_trial} needs a recurrent policy (RL^2); "
+                f"{type(policy).__name__} is feed-forward (use 1)"
+            )
+        m = n * e
         batch = self._envs(m)
         batch.set_tasks([task for task in tasks for _ in range(e)])
 
