@@ -11,7 +11,7 @@ trials, so what it learnt about the task in episode ``k`` acts in episode ``k + 
 the forward pass.
 
 Heads on the hidden state ``h_t`` (the state after reading ``x_t``): the mean of a diagonal
-Gaussian over actions (a state-independent ``log_std`` as in :class:`agents.policies.GaussianMLPPolicy`)
+Gaussian over actions (a state-independent ``log_std``, as the MLP policies of :mod:`agents.policies`)
 and a value ``V(h_t)`` for PPO's advantages.
 
 Two ways to run the same network:
@@ -34,8 +34,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal
-
-from agents.policies import GaussianMLPPolicy
 
 CELLS = ("gru", "lstm")
 
@@ -162,4 +160,6 @@ class RecurrentGaussianPolicy(nn.Module):
         """Standard normal draws ``[*shape, act_dim]``."""
         return torch.randn(*shape, self.act_dim, generator=generator)
 
-    actions_from_noise = staticmethod(GaussianMLPPolicy.actions_from_noise)
+    @staticmethod
+    def actions_from_noise(dist: Distribution, noise: torch.Tensor, *, deterministic: bool = False) -> torch.Tensor:
+        return dist.mean if deterministic else dist.mean + dist.stddev * noise

@@ -31,12 +31,11 @@ import numpy as np
 import torch
 
 from metarl.rl.episodes import Episodes
+from metarl.rl.sampling.padding import padded
 
 
 def sample_trials(sampler: Any, policy: torch.nn.Module, params: dict[str, torch.Tensor], tasks, seeds) -> Episodes:
     """``E`` episodes (``E / K`` trials of ``K``) of each task; ``params`` per task ``[N, ...]``."""
-    from metarl.rl.sampling.vector import _padded
-
     n, e, h, k_trial = len(tasks), sampler.episodes_per_task, sampler.horizon, sampler.episodes_per_trial
     trials = e // k_trial
     slots = n * trials
@@ -50,7 +49,7 @@ def sample_trials(sampler: Any, policy: torch.nn.Module, params: dict[str, torch
     act_dim, obs_dim = policy.act_dim, policy.obs_dim
     gates = 3 if policy.cell_type == "gru" else 4
     widths = (policy.input_dim, policy.hidden_size, gates * policy.hidden_size, policy.state_dim, act_dim, 1)
-    r_pad = _padded(trials, widths, rows=4)  # per-task blocks of whole CPU vectors (see VectorSampler._sample)
+    r_pad = padded(trials, widths, rows=4)  # per-task blocks of whole CPU vectors (see VectorSampler._sample)
 
     m = n * e
     obs_buf = torch.zeros(h, m, obs_dim)

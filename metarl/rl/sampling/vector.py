@@ -26,7 +26,6 @@ episodes keep the policy's own actions, whose log-probabilities they store.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,9 +39,8 @@ from envs.metaworld_tasks import MetaWorldEnv
 from metarl.rl.actions import ActionMap
 from metarl.rl.episodes import Episodes
 from metarl.rl.sampling.env_batches import ListBatch, MetaWorldListBatch, NativeBatch, PhysicsListBatch
+from metarl.rl.sampling.padding import padded as _padded
 from metarl.rl.sampling.trials import sample_trials
-
-PAD = 32  # floats in two AVX-512 vectors (ATen's vectorized loops step by two vectors)
 
 
 def task_seeds(seed: int, *keys: int, n: int) -> list[int]:
@@ -267,15 +265,6 @@ class VectorSampler:
             lengths=torch.from_numpy(lengths).view(n, e),
             success=success,
         )
-
-
-def _padded(e: int, widths, *, rows: int = 1) -> int:
-    """Smallest ``E' >= e``, a multiple of ``rows``, with ``E' * w`` a multiple of PAD for every width ``w``."""
-    step = rows
-    for w in widths:
-        need = PAD // math.gcd(PAD, int(w))
-        step = step * need // math.gcd(step, need)
-    return -(-e // step) * step
 
 
 def _pad_episodes(x: torch.Tensor, e_out: int) -> torch.Tensor:
