@@ -19,8 +19,11 @@ One meta-iteration (the experiment samples ``meta_batch_size`` tasks x ``E / K``
 ``A`` is normalised over the meta-batch's real steps (``normalize_advantages``). Means run over the
 real steps of the minibatch. The value head predicts ``G`` standardised by running statistics of
 the returns seen so far (kept in the checkpoint): the policy and value share the recurrent
-network, and raw trial returns in the hundreds would make the value error swamp its gradient. Settings as garage's RL2PPO for Meta-World ML10 unless a config says
-otherwise: GRU of 256, ``K = 10``, gamma 0.99, lambda 0.95, clip 0.2, Adam 5e-4, 10 epochs.
+network, and raw trial returns in the hundreds would make the value error swamp its gradient.
+
+Defaults as garage's RL2PPO for Meta-World ML10 (its ``rl2_ppo_metaworld_ml10.py``): GRU of 256,
+``K = 10``, gamma 0.99, lambda 0.95, clip 0.2, Adam 5e-4, 10 epochs. Garage fits a separate MLP
+baseline on observations; here the value head reads the recurrent state, as in Wang et al.
 """
 
 from __future__ import annotations
