@@ -240,3 +240,59 @@ def test_ppo_baselines_act_in_env_units_with_the_runs_action_scale():
         assert not np.allclose(unmapped, adapted, atol=1e-2)
     finally:
         exp.close()
+
+
+# ----------------------------------------------------------------------------- RL^2
+
+
+@pytest.fixture(scope="module")
+def rl2_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("nav_rl2") / "run"
+    overrides = ["num_iterations=1", "meta_batch_size=2", "episodes_per_task=4", "episodes_per_trial=2", "horizon=15",
+                 "policy.rnn_size=8", "ppo.epochs=1", "threads=1"]  # fmt: skip
+    result = metarl_cli(
+        "train", str(ROOT / "experiments/navigation2d/rl2.yaml"), "--run-dir", str(run), "--no-progress", *overrides
+    )
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_rl2_adapts_by_a_trial_and_keeps_its_state(rl2_run, tmp_path):
+    from metarl.rl.sampling import task_seeds
+    from metarl.rl.trials import trial_sequences
+    from metarl.runs.experiment import TEST
+
+    out = tmp_path / "adapted"
+    result = metarl_cli("adapt", str(rl2_run), "--task", '{"goal": [0.3, -0.2]}', "--episodes", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    table = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row[0]) for row in table] == [1, 2, 3]  # the return of each episode of the trial
+    adapted = metarl.load_adapted(out)
+    assert set(adapted.context) == {"state", "prev_action", "prev_reward", "done"} and adapted.context["done"] == 1
+    # the state is the recurrent network's after the first trial's last step, computed independently by
+    # torch.nn.GRU over the same trial (re-sampled with the adaptation's seed)
+    meta = metarl.load(rl2_run)
+    sampler = meta.experiment.sampler(test=True, episodes=2 * 3, episodes_per_trial=3)
+    episodes = sampler.sample(meta.params, [{"goal": [0.3, -0.2]}], task_seeds(meta.cfg.seed, TEST, 7, 0, n=1))
+    seqs = trial_sequences(episodes, 3)
+    with torch.no_grad():
+        x = meta.policy.inputs(seqs.observations, seqs.prev_actions, seqs.prev_rewards, seqs.done)
+        hidden = meta.policy.sequence(x[:1])
+    last = int(seqs.mask[0].sum()) - 1
+    torch.testing.assert_close(adapted.context["state"], hidden[0, last], rtol=1e-5, atol=1e-5)
+    assert torch.equal(adapted.context["prev_action"], seqs.actions[0, last])
+    assert adapted.returns == pytest.approx(
+        episodes.returns_per_episode().view(1, 2, 3).mean(1)[0].tolist()
+    )  # the mean over the run's two trials per task
+    # acting continues the trial: the state moves, the done flag clears, observe() stores the reward
+    env = adapted.make_env()
+    obs, _ = env.reset(seed=1)
+    before = adapted.context["state"].clone()
+    action = adapted.act(obs)
+    assert action.shape == (2,) and not torch.equal(adapted.context["state"], before)
+    assert adapted.context["done"] == 0
+    adapted.observe(-0.25, done=True)
+    assert adapted.context["prev_reward"] == -0.25 and adapted.context["done"] == 1
+    # --keep best has no meaning for a trial
+    result = metarl_cli("adapt", str(rl2_run), "--task", '{"goal": [0.3, -0.2]}', "--keep", "best")
+    assert result.returncode == 2 and "--keep best does not apply to RL^2" in result.stderr

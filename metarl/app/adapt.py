@@ -9,7 +9,14 @@
     action = adapted.act(obs, deterministic=True)
     adapted.save("runs/halfcheetah-vel/adapted/v1.3")          # reload with metarl.load_adapted(...)
 
-Adaptation is the run's own inner loop: ``episodes`` episodes of the current policy on the task,
+RL^2 runs (a recurrent policy) adapt by running a trial: ``episodes`` episodes of the task one after
+the other, the policy's state carried across them; ``returns[i]`` is the mean return of episode
+``i + 1`` (over the run's number of trials per task) and the adapted policy is the meta-policy
+with the state of the first trial after its last episode (``steps`` and ``keep`` do not apply).
+Acting then continues that trial: call ``act(obs)`` for each step and ``observe(reward, done)``
+after it (the recurrent policy reads the previous reward; ``done`` marks the end of an episode).
+
+Otherwise adaptation is the run's own inner loop: ``episodes`` episodes of the current policy on the task,
 the linear-baseline advantages, one policy-gradient step with the run's inner learning rate;
 repeated ``steps`` times with fresh episodes, then a last batch of episodes measures the return
 of the final policy. ``keep="best"`` keeps the step (0 = the meta-policy) with the highest
@@ -38,11 +45,13 @@ import torch
 
 import envs  # noqa: F401
 from envs.base import InvalidTask, TaskOutOfRange
-from metarl.app.adapted_files import ADAPTED_INFO, ADAPTED_POLICY, find_run, read_adapted_info, read_adapted_params
+from metarl.app.adapted_files import ADAPTED_INFO, ADAPTED_POLICY, find_run, read_adapted_info, read_adapted_policy
 from metarl.app.video import VideoUnavailable, record_video
 from metarl.core.atomic import atomic_open
 from metarl.core.functional import inner_lrs
 from metarl.rl.actions import env_actions
+from metarl.rl.sampling import task_seeds
+from metarl.rl.trials import trial_sequences
 from metarl.runs.experiment import TEST, TRAIN
 from metarl.runs.load import load_run_config, restore
 from metarl.runs.rl_config import RLConfig
@@ -68,26 +77,62 @@ def _check_task(env_id: str, env_kwargs: dict[str, Any], task: dict[str, Any]) -
 
 
 class _Acting:
-    """``act(obs)`` for a policy module and parameter dict (numpy in, numpy out)."""
+    """``act(obs)`` for a policy module and parameter dict (numpy in, numpy out); for a recurrent
+    policy (RL^2) also ``observe(reward, done)`` after each env step, and its trial ``context``."""
 
     policy: torch.nn.Module
     params: dict[str, torch.Tensor]
+    context: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """Env action(s) for an observation ``[obs_dim]`` or a batch ``[B, obs_dim]``; continuous
-        actions are clipped to the action space, or mapped onto it with the run's ``action_scale``."""
+        actions are clipped to the action space, or mapped onto it with the run's ``action_scale``.
+        A recurrent policy takes one observation at a time and moves its state."""
         x = torch.as_tensor(np.asarray(obs), dtype=torch.float32)
-        dist = self.policy(x, self.params)
-        if deterministic:
-            action = dist.mean if not self.policy.discrete else dist.probs.argmax(-1)
+        if getattr(self.policy, "recurrent", False):
+            action = self._act_recurrent(x, deterministic)
         else:
-            action = dist.sample()
+            dist = self.policy(x, self.params)
+            if deterministic:
+                action = dist.mean if not self.policy.discrete else dist.probs.argmax(-1)
+            else:
+                action = dist.sample()
         action = action.numpy()
         space = self.action_space
         if isinstance(space, gym.spaces.Box):
             action = env_actions(action, space.low, space.high, self.cfg.action_scale).astype(space.dtype)
         return action
+
+    def _act_recurrent(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        if obs.dim() != 1:
+            raise ValueError(f"a recurrent policy acts on one observation [obs_dim] at a time, got {tuple(obs.shape)}")
+        policy, c = self.policy, self._context()
+        params = {k: v.unsqueeze(0) for k, v in self.params.items()}
+        x = policy.inputs(obs, c["prev_action"], c["prev_reward"], c["done"]).view(1, 1, -1)
+        state = policy.cell(x, c["state"].view(1, 1, -1), params)
+        dist = policy.distribution(policy.outputs_of_state(state, params))
+        action = (dist.mean if deterministic else dist.sample()).view(-1)
+        self.context = {**c, "state": state.view(-1), "prev_action": action, "done": torch.tensor(0.0)}
+        return action
+
+    def observe(self, reward: float, done: bool = False) -> None:
+        """RL^2: the reward of the last action, and whether the episode ended (the next ``act`` starts
+        the trial's next episode). Feed-forward policies ignore it."""
+        if getattr(self.policy, "recurrent", False):
+            c = self._context()
+            self.context = {**c, "prev_reward": torch.tensor(float(reward)), "done": torch.tensor(float(bool(done)))}
+
+    def _context(self) -> dict[str, torch.Tensor]:
+        if self.context is None:  # a trial's start
+            p = self.policy
+            self.context = {
+                "state": p.initial_state(),
+                "prev_action": torch.zeros(p.act_dim),
+                "prev_reward": torch.tensor(0.0),
+                "done": torch.tensor(0.0),
+            }
+        return self.context
 
 
 class MetaPolicy(_Acting):
@@ -139,6 +184,8 @@ class MetaPolicy(_Acting):
             raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
         exp = self.experiment
         task = _check_task(self.cfg.env_id, self.cfg.env_kwargs(test=test_split), task)
+        if exp.trials:
+            return self._adapt_by_trial(task, episodes=episodes, seed=seed, test_split=test_split)
         sampler = exp.sampler(test=test_split, episodes=episodes)
         lrs = inner_lrs(self.cfg.inner.lr, steps)
         batch, _ = exp.adapt_and_sample([task], (TEST, ADAPT_SEED_KEY, seed), steps, sampler=sampler, lrs=lrs)
@@ -162,6 +209,47 @@ class MetaPolicy(_Acting):
             action_space=self.action_space,
             kept_step=kept,
         )
+
+    def _adapt_by_trial(self, task: dict[str, Any], *, episodes: int, seed: int, test_split: bool) -> AdaptedPolicy:
+        """RL^2: trials of ``episodes`` episodes; the state of the first trial after them."""
+        exp, cfg = self.experiment, self.cfg
+        trials = cfg.episodes_per_task // cfg.episodes_per_trial
+        sampler = exp.sampler(test=test_split, episodes=trials * episodes, episodes_per_trial=episodes)
+        seeds = task_seeds(cfg.seed, TEST, ADAPT_SEED_KEY, seed, n=1)
+        data = sampler.sample(self.params, [task], seeds)
+        returns = [float(r) for r in exp.per_trial_episode(data.returns_per_episode(), episodes)[0]]
+        context = _trial_context(self.policy, self.params, data, episodes)
+        return AdaptedPolicy(
+            self.policy,
+            dict(self.params),
+            task=task,
+            returns=returns,
+            episodes=episodes,
+            run_dir=self.run_dir,
+            cfg=cfg,
+            action_space=self.action_space,
+            kept_step=len(returns) - 1,
+            context=context,
+        )
+
+
+@torch.no_grad()
+def _trial_context(policy, params: dict[str, torch.Tensor], episodes, k: int) -> dict[str, torch.Tensor]:
+    """The recurrent state and the last action and reward of the first trial of ``episodes``, its
+    next step the start of a new episode (``done`` 1): replayed step by step with the sampler's cell."""
+    seqs = trial_sequences(episodes, k)
+    length = int(seqs.mask[0].sum())
+    x = policy.inputs(seqs.observations[0], seqs.prev_actions[0], seqs.prev_rewards[0], seqs.done[0])
+    batched = {name: v.unsqueeze(0) for name, v in params.items()}
+    state = policy.initial_state(1, 1)
+    for t in range(length):
+        state = policy.cell(x[t].view(1, 1, -1), state, batched)
+    return {
+        "state": state.view(-1).clone(),
+        "prev_action": seqs.actions[0, length - 1].clone(),
+        "prev_reward": seqs.rewards[0, length - 1].clone(),
+        "done": torch.tensor(1.0),
+    }
 
 
 def _mean_return(data) -> float:
@@ -192,9 +280,11 @@ class AdaptedPolicy(_Acting):
         cfg,
         action_space,
         kept_step: int | None = None,
+        context: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.policy = policy
         self.params = params
+        self.context = context
         self.task = task
         self.returns = returns
         self.episodes = episodes
@@ -236,7 +326,10 @@ class AdaptedPolicy(_Acting):
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
         with writing(out / ADAPTED_POLICY), atomic_open(out / ADAPTED_POLICY, "wb") as f:
-            torch.save({"model": {k: v.clone() for k, v in self.params.items()}}, f)
+            state: dict[str, Any] = {"model": {k: v.clone() for k, v in self.params.items()}}
+            if self.context is not None:  # RL^2: the trial's state after the adaptation episodes
+                state["context"] = {k: v.clone() for k, v in self.context.items()}
+            torch.save(state, f)
         run = self.run_dir.resolve()
         info = {
             "run_dir": os.path.relpath(run, out.resolve()),
@@ -300,7 +393,7 @@ def load_adapted(out_dir: str | Path) -> AdaptedPolicy:
     if not info_path.is_file():
         raise RunError(f"{out} holds no {ADAPTED_INFO}: not an adapted-policy directory (metarl adapt --out DIR)")
     info = read_adapted_info(info_path)
-    params = read_adapted_params(out / ADAPTED_POLICY)
+    params, context = read_adapted_policy(out / ADAPTED_POLICY)
     run_dir = find_run(out, info)
     meta = load(run_dir)
     if info.get("family", meta.cfg.family) != meta.cfg.family:
@@ -323,4 +416,5 @@ def load_adapted(out_dir: str | Path) -> AdaptedPolicy:
         cfg=meta.cfg,
         action_space=meta.action_space,
         kept_step=info.get("kept_step"),
+        context=context,
     )

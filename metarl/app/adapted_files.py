@@ -2,7 +2,8 @@
 hostile file is one RunError line, and nothing in a file is run (``weights_only=True``).
 
 The directory holds ``adapted.json`` (task, returns, the run's path relative to the directory) and
-``policy.pt`` (``{"model": {name: tensor}}``, the adapted parameters).
+``policy.pt`` (``{"model": {name: tensor}}``, the adapted parameters; for RL^2 also ``"context"``,
+the recurrent state and previous action, reward and done flag after the adaptation episodes).
 """
 
 from __future__ import annotations
@@ -55,7 +56,16 @@ def read_adapted_info(path: Path) -> dict[str, Any]:
 
 
 def read_adapted_params(path: Path) -> dict[str, torch.Tensor]:
-    """``policy.pt`` with ``weights_only=True``: ``{"model": {name: tensor}}``, else a one-line RunError."""
+    """``policy.pt``'s parameters (see :func:`read_adapted_policy`)."""
+    return read_adapted_policy(path)[0]
+
+
+CONTEXT_KEYS = ("state", "prev_action", "prev_reward", "done")
+
+
+def read_adapted_policy(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``policy.pt`` with ``weights_only=True``: ``{"model": {name: tensor}}`` and, for RL^2, the
+    ``"context"`` tensors; else a one-line RunError."""
     if not path.is_file():
         raise RunError(f"{path} is missing: the adapted-policy directory is incomplete; re-run metarl adapt")
     try:
@@ -72,7 +82,14 @@ def read_adapted_params(path: Path) -> dict[str, torch.Tensor]:
         or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())
     ):
         raise RunError(f"{path} is not a metarl adapted policy (expected {{'model': {{name: tensor}}}})")
-    return dict(model)
+    context = state.get("context")
+    if context is not None and not (
+        isinstance(context, dict)
+        and set(context) == set(CONTEXT_KEYS)
+        and all(isinstance(v, torch.Tensor) for v in context.values())
+    ):
+        raise RunError(f"{path}: 'context' must hold the tensors {', '.join(CONTEXT_KEYS)} (an RL^2 adapted policy)")
+    return dict(model), (dict(context) if context is not None else None)
 
 
 def find_run(out: Path, info: dict[str, Any]) -> Path:

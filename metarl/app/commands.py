@@ -208,18 +208,28 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             raise ConfigError(f"--task must be a JSON object such as '{{\"velocity\": 1.3}}', got {args.task}")
     else:
         task = meta.task_by_index(args.task_index)
+    trial = meta.experiment.trials  # RL^2: adapts by running a trial of --episodes episodes
+    if trial and args.keep != "last":
+        raise ConfigError("--keep best does not apply to RL^2 runs: the adapted policy is the state after the trial")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         adapted = meta.adapt(task, episodes=args.episodes, steps=args.steps, seed=args.seed, keep=args.keep)
     for w in caught:
         if "training range" in str(w.message):
             print(f"metarl: warning: {w.message}", file=sys.stderr)
-    print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} with {args.episodes} episodes per step")
-    print(f"{'step':>5}  {'return':>10}")
-    for step, value in enumerate(adapted.returns):
-        print(f"{step:>5}  {value:>10.2f}")
-    why = "the highest return" if args.keep == "best" else "the last step"
-    print(f"kept the policy of step {adapted.kept_step} (--keep {args.keep}: {why})")
+    if trial:
+        print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} by a trial of {args.episodes} episodes")
+        print(f"{'episode':>7}  {'return':>10}")
+        for episode, value in enumerate(adapted.returns, start=1):
+            print(f"{episode:>7}  {value:>10.2f}")
+        print(f"kept the policy with its state after episode {len(adapted.returns)}")
+    else:
+        print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} with {args.episodes} episodes per step")
+        print(f"{'step':>5}  {'return':>10}")
+        for step, value in enumerate(adapted.returns):
+            print(f"{step:>5}  {value:>10.2f}")
+        why = "the highest return" if args.keep == "best" else "the last step"
+        print(f"kept the policy of step {adapted.kept_step} (--keep {args.keep}: {why})")
     adapted.save(out)
     print(f"adapted policy: {out}  (metarl.load_adapted('{out}'))")
     if args.video:

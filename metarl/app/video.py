@@ -33,9 +33,10 @@ def record_video(actor: Any, env: gym.Env, path: str | Path, *, seed: int = 0, f
     frames = [first]
     done = False
     while not done:
-        obs, _, terminated, truncated, _ = env.step(actor.act(obs, deterministic=True))
+        obs, reward, terminated, truncated, _ = env.step(actor.act(obs, deterministic=True))
         frames.append(env.render())
         done = terminated or truncated
+        actor.observe(reward, done)  # a recurrent policy reads the reward
     images = [Image.fromarray(f) for f in frames]
     path = Path(path)
     with writing(path), atomic_open(path, "wb") as f:
