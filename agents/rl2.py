@@ -36,7 +36,7 @@ from torch import nn
 
 from metarl.core.functional import Params
 from metarl.core.learner import Learner, register
-from metarl.rl.objective import RLBatch
+from metarl.rl.objective import RLBatch, clipped_surrogate
 from metarl.rl.trials import trial_gae, trial_sequences
 
 
@@ -51,12 +51,6 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """``1 - Var(G - V) / Var(G)`` over the real steps: 1 for a perfect value head, 0 for a constant one."""
     return float(1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-12))
-
-
-def ppo_clip_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip: float):
-    """Per-step clipped surrogate ``-min(r A, clip(r, 1 - clip, 1 + clip) A)`` with ``r = exp(log_probs - old)``."""
-    ratio = torch.exp(log_probs - old_log_probs)
-    return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages), ratio
 
 
 class RL2(Learner):
@@ -168,7 +162,7 @@ class RL2(Learner):
         dist = policy.distribution(outputs)
         log_probs = dist.log_prob(data["actions"])
         mask = data["mask"]
-        clipped, ratio = ppo_clip_loss(log_probs, data["old_log_probs"], data["advantages"], self.clip)
+        clipped, ratio = clipped_surrogate(log_probs, data["old_log_probs"], data["advantages"], self.clip)
         policy_loss = masked_mean(clipped, mask)
         value_loss = masked_mean((values - data["targets"]) ** 2, mask)  # standardised units
         entropy = masked_mean(dist.entropy(), mask)

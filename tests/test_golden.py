@@ -47,6 +47,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
         [*NAV, "outer.optimizer=adam", "outer.lr=0.01", "eval.num_tasks=4", "eval.steps=1"],
     ),
     "navigation2d_reptile": ("experiments/navigation2d/reptile.yaml", [*NAV, *NAV_EVAL]),
+    "navigation2d_promp": ("experiments/navigation2d/promp.yaml", [*NAV, "promp.steps=2", *NAV_EVAL]),
     "navigation2d_rl2": (
         "experiments/navigation2d/rl2.yaml",
         [*NAV, "episodes_per_trial=5", "policy.rnn_size=16", "ppo.epochs=2", "ppo.minibatches=2", *NAV_EVAL],

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from agents.recurrent_policy import RecurrentGaussianPolicy
-from agents.rl2 import RL2, ppo_clip_loss
+from agents.rl2 import RL2
 from metarl.rl.episodes import Episodes
-from metarl.rl.objective import RLBatch, StepData
+from metarl.rl.objective import RLBatch, StepData, clipped_surrogate
 from metarl.rl.sampling import VectorSampler, task_seeds
 from metarl.rl.trials import trial_gae, trial_sequences
 
@@ -131,7 +131,7 @@ def test_ppo_clip_loss_by_hand():
     old = torch.zeros(4)
     new = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.5]))
     adv = torch.tensor([1.0, -1.0, 2.0, 1.0])
-    loss, ratio = ppo_clip_loss(new, old, adv, 0.2)
+    loss, ratio = clipped_surrogate(new, old, adv, 0.2)
     # r = 1.5, A > 0: clipped to 1.2; r = 0.5, A < 0: clipped to 0.8 (the pessimistic -0.8);
     # r = 1.1 inside the range; r = 0.5, A > 0: unclipped 0.5 is the smaller
     assert loss.tolist() == pytest.approx([-1.2, 0.8, -2.2, -0.5])

@@ -110,6 +110,15 @@ def surrogate_of(dist: torch.distributions.Distribution, valid: StepData) -> tor
     return -valid.mean(ratio * valid.advantages).mean()
 
 
+def clipped_surrogate(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-step clipped loss ``-min(r A, clip(r, 1 - clip, 1 + clip) A)``, ``r = exp(log_probs - old)``,
+    and ``r`` (all the shape of ``log_probs``)."""
+    ratio = torch.exp(log_probs - old_log_probs)
+    return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages), ratio
+
+
 class PolicyGradientObjective:
     """Support loss (REINFORCE) and query loss (surrogate) of a policy over a meta-batch of tasks."""
 

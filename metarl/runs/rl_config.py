@@ -49,7 +49,7 @@ class TRPOConfig(ConfigModel):
 
 class OuterConfig(ConfigModel):
     optimizer: Literal["trpo", "adam"] = option("trpo", doc="Meta-update of maml_trpo / fomaml (maml_trpo needs trpo).")
-    lr: float = option(1e-3, gt=0, doc="Adam learning rate (optimizer: adam).")
+    lr: float = option(1e-3, gt=0, doc="Adam learning rate (fomaml with optimizer: adam, and promp).")
     epsilon_start: float = option(1.0, gt=0, le=1, doc="Reptile: outer step size at iteration 0.")
     epsilon_end: float = option(0.0, ge=0, le=1, doc="Reptile: outer step size at the last iteration (linear anneal).")
     trpo: TRPOConfig = option(default_factory=TRPOConfig, doc="TRPO meta-update.")
@@ -63,6 +63,12 @@ class PPOConfig(ConfigModel):
     value_coef: float = option(0.5, ge=0, doc="RL^2: weight of the value head's squared error.")
     entropy_coef: float = option(0.0, ge=0, doc="RL^2: weight of the entropy bonus.")
     max_grad_norm: float = option(0.5, gt=0, doc="RL^2: gradient-norm clip of each update.")
+
+
+class ProMPConfig(ConfigModel):
+    steps: int = option(5, ge=1, doc="ProMP: Adam steps on the clipped objective per iteration (same samples).")
+    clip: float = option(0.3, gt=0, doc="ProMP: clip range of the outer probability ratio.")
+    kl_coef: float = option(5e-4, ge=0, doc="ProMP: coefficient of the KL penalty on the inner step.")
 
 
 class RayConfig(ConfigModel):
@@ -94,7 +100,8 @@ class EvalConfig(ConfigModel):
 class RLConfig(ConfigModel):
     family: str = option(doc="Task family registered as metarl/<family>-v0 (e.g. Navigation2D, HalfCheetahVel).")
     algorithm: str = option(
-        doc="Meta-learner: an algorithm registered for the rl family in agents/ (maml_trpo, fomaml, reptile)."
+        doc="Meta-learner: an algorithm registered for the rl family in agents/ (maml_trpo, fomaml, reptile, "
+        "promp, rl2)."
     )
     num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
     env: dict[str, Any] = option(
@@ -137,6 +144,7 @@ class RLConfig(ConfigModel):
     inner: InnerConfig = option(default_factory=InnerConfig, doc="Inner loop (adaptation).")
     outer: OuterConfig = option(default_factory=OuterConfig, doc="Outer loop (meta-update).")
     ppo: PPOConfig = option(default_factory=PPOConfig, doc="RL^2's PPO.")
+    promp: ProMPConfig = option(default_factory=ProMPConfig, doc="ProMP's outer step (its Adam rate: outer.lr).")
     sampler: SamplerConfig = option(default_factory=SamplerConfig, doc="Episode sampling (in-process or per worker).")
     ray: RayConfig = option(default_factory=RayConfig, doc="Ray rollout workers (episode sampling).")
     eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
