@@ -146,6 +146,13 @@ class MetaPolicy(_Acting):
         self.params = {k: v.detach() for k, v in self.policy.named_parameters()}
         self.action_space = experiment.task_envs[0].action_space
 
+    def metaworld_agent(self, *, seed: int = 0):
+        """This meta-policy as Meta-World's ``MetaLearningAgent`` (``metaworld.evaluation``;
+        :mod:`metarl.app.metaworld_agent`). Meta-World runs only."""
+        from metarl.app.metaworld_agent import agent_of
+
+        return agent_of(self, seed=seed)
+
     def task_by_index(self, index: int, *, test: bool = True) -> dict[str, Any]:
         """The ``index``-th task of a Meta-World split (test split by default)."""
         env = self.experiment.task_envs[TEST if test else TRAIN]

@@ -1,0 +1,91 @@
+"""Meta-World's own evaluation protocol: every kind of agent runs ``metalearning_evaluation`` on a
+tiny run, and the adaptation episodes are cut from the collected steps exactly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import metarl
+from metarl.app.metaworld_agent import GradientAgent, RecurrentAgent, _episodes_of, score
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["num_iterations=1", "meta_batch_size=2", "episodes_per_task=2", "horizon=20", "ray.workers=0", "threads=1"]
+
+
+def _train(tmp_path_factory, config, *extra):
+    run = tmp_path_factory.mktemp("mw") / "run"
+    cmd = [sys.executable, "-m", "metarl", "train", str(ROOT / config), "--run-dir", str(run), "--no-progress"]
+    result = subprocess.run([*cmd, *TINY, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_collected_steps_become_each_sub_envs_episodes():
+    # 2 sub-envs, 5 steps: sub-env 0 ends episodes after steps 1 (terminated) and 4 (truncated);
+    # sub-env 1 after step 4 only. E = 1 (the fewest completed), H = the longest of those kept.
+    t = np.arange(5, dtype=float)
+    buffer = {
+        "obs": [np.array([[s, 0.0], [s, 1.0]]) for s in t],
+        "act": [np.array([[10 + s], [20 + s]]) for s in t],
+        "rew": [np.array([s, -s]) for s in t],
+        "term": [np.array([s == 1, False]) for s in t],
+        "trunc": [np.array([s == 4, s == 4]) for s in t],
+    }
+    eps = _episodes_of(buffer)
+    assert tuple(eps.observations.shape) == (2, 5, 1, 2)
+    assert eps.lengths.tolist() == [[2], [5]] and eps.terminated.tolist() == [[True], [False]]
+    assert eps.rewards[0, :, 0].tolist() == [0, 1, 0, 0, 0] and eps.rewards[1, :, 0].tolist() == [0, -1, -2, -3, -4]
+    assert eps.actions[1, :, 0, 0].tolist() == [20, 21, 22, 23, 24]
+    assert eps.mask[0, :, 0].tolist() == [1, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "config, extra, kind",
+    [
+        ("experiments/metaworld_ml1_reach/maml_trpo.yaml", [], GradientAgent),
+        ("experiments/metaworld_ml1_reach/rl2.yaml", ["episodes_per_trial=2", "policy.rnn_size=8", "ppo.epochs=1"],
+         RecurrentAgent),
+    ],
+)  # fmt: skip
+def test_agents_run_metaworlds_own_evaluation(tmp_path_factory, config, extra, kind):
+    meta = metarl.load(_train(tmp_path_factory, config, *extra))
+    agent = meta.metaworld_agent()
+    assert isinstance(agent, kind)
+    for method in ("init", "adapt_action", "step", "adapt", "eval_action", "reset"):  # MetaLearningAgent
+        assert callable(getattr(agent, method))
+    from metaworld.evaluation import metalearning_evaluation
+
+    from metarl.app.metaworld_agent import make_eval_envs
+
+    envs = make_eval_envs(meta.cfg, meta_batch_size=2)
+    try:
+        success, mean_return, per_task = metalearning_evaluation(
+            agent, envs, num_evals=1, adaptation_steps=1, adaptation_episodes=1, evaluation_episodes=1
+        )
+    finally:
+        envs.close()
+    assert 0.0 <= success <= 1.0 and np.isfinite(mean_return) and set(per_task) == {"reach-v3"}
+    if kind is GradientAgent:  # adapt() took the run's inner step: each sub-env has its own parameters
+        assert len(agent.steps) == 1 and agent.steps[0].episodes.lengths.tolist() == [[500], [500]]
+        for name, theta in agent.theta.items():
+            assert agent.params[name].shape == (2, *theta.shape)
+            assert not torch.equal(agent.params[name][0], agent.params[name][1])
+    else:  # the trial's state ran through adaptation and evaluation
+        assert agent.state.shape == (2, 1, 8) and agent.state.abs().max() > 0
+    # score() is the same protocol with the run's settings
+    assert set(score(meta, num_evals=1, adaptation_episodes=1, evaluation_episodes=1, meta_batch_size=2)[2]) == {
+        "reach-v3"
+    }
+
+
+def test_metaworld_agent_needs_a_metaworld_run(tmp_path_factory):
+    meta = metarl.load(_train(tmp_path_factory, "experiments/navigation2d/maml_trpo.yaml", "policy.hidden=[8]"))
+    with pytest.raises(ValueError, match="needs a Meta-World run"):
+        meta.metaworld_agent()
+    assert torch.is_tensor(next(iter(meta.params.values())))
