@@ -293,6 +293,10 @@ def test_rl2_adapts_by_a_trial_and_keeps_its_state(rl2_run, tmp_path):
     assert adapted.context["done"] == 0
     adapted.observe(-0.25, done=True)
     assert adapted.context["prev_reward"] == -0.25 and adapted.context["done"] == 1
+    # no SB3 equivalent: one line, exit 2
+    result = metarl_cli("export", str(rl2_run), "--sb3", str(tmp_path / "x.zip"))
+    assert result.returncode == 2 and "recurrent (RL^2) policy has no stable-baselines3" in result.stderr
+    assert not (tmp_path / "x.zip").exists()
     # --keep best has no meaning for a trial
     result = metarl_cli("adapt", str(rl2_run), "--task", '{"goal": [0.3, -0.2]}', "--keep", "best")
     assert result.returncode == 2 and "--keep best does not apply to RL^2" in result.stderr

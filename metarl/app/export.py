@@ -96,6 +96,11 @@ def to_sb3(
     """
     from stable_baselines3 import PPO
 
+    if getattr(policy, "recurrent", False):
+        raise ValueError(
+            "a recurrent (RL^2) policy has no stable-baselines3 PPO equivalent: SB3's PPO takes MLP policies only; "
+            "use the run with metarl adapt / metarl.load instead"
+        )
     if not isinstance(policy, (GaussianMLPPolicy, CategoricalMLPPolicy)):
         raise ValueError(f"policy must be a GaussianMLPPolicy or CategoricalMLPPolicy, got {type(policy).__name__}")
     ppo_kwargs = dict(ppo_kwargs or {})
