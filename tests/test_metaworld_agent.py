@@ -89,3 +89,25 @@ def test_metaworld_agent_needs_a_metaworld_run(tmp_path_factory):
     with pytest.raises(ValueError, match="needs a Meta-World run"):
         meta.metaworld_agent()
     assert torch.is_tensor(next(iter(meta.params.values())))
+
+
+def test_cli_evaluate_metaworld_writes_success_rates_per_split(tmp_path_factory):
+    import json
+
+    run = _train(tmp_path_factory, "experiments/metaworld_ml1_reach/maml_trpo.yaml")
+    cmd = [sys.executable, "-m", "metarl", "evaluate", str(run), "--metaworld", "--num-evals", "2",
+           "--adaptation-episodes", "1", "--evaluation-episodes", "1", "--meta-batch-size", "2"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = json.loads((run / "eval_metaworld.json").read_text())
+    assert out["metric"] == "success" and out["settings"]["protocol"] == "metaworld.evaluation.metalearning_evaluation"
+    for split in ("train", "test"):
+        r = out["splits"][split]
+        rounds = [x["success"] for x in r["rounds"]]
+        assert len(rounds) == 2 and r["steps"] == [1] and set(r["per_task"]) == {"reach-v3"}
+        assert r["mean"] == [pytest.approx(np.mean(rounds))]  # the CI is over the rounds
+        assert r["ci95"] == [pytest.approx(1.96 * np.std(rounds, ddof=1) / np.sqrt(2))]
+    # a run of another family: one line, exit 2
+    nav = _train(tmp_path_factory, "experiments/navigation2d/maml_trpo.yaml", "policy.hidden=[8]")
+    result = subprocess.run([*cmd[:4], str(nav), "--metaworld"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "--metaworld scores Meta-World runs" in result.stderr

@@ -70,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="--baselines: worker processes for the PPO runs (default: the usable "
         "CPU cores); the figures do not depend on it",
     )
+    ev.add_argument(
+        "--metaworld",
+        action="store_true",
+        help="Meta-World runs: success rates on the train and test splits by Meta-World's own protocol "
+        "(metaworld.evaluation.metalearning_evaluation), written to RUN_DIR/eval_metaworld.json",
+    )
+    ev.add_argument("--num-evals", type=int, default=10, help="--metaworld: rounds, each on new goals (default 10)")
+    ev.add_argument(
+        "--adaptation-episodes", type=int, default=10, help="--metaworld: episodes per adaptation step (default 10)"
+    )
+    ev.add_argument(
+        "--evaluation-episodes", type=int, default=3, help="--metaworld: evaluation episodes per task (default 3)"
+    )
+    ev.add_argument(
+        "--meta-batch-size",
+        type=int,
+        help="--metaworld: sub-envs (tasks) per round, a multiple of the split's classes (default: 20 for ML1, "
+        "5 per class otherwise)",
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     ad = sub.add_parser(

@@ -157,6 +157,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_run_config(run_dir)
     if args.baselines and not isinstance(cfg, RLConfig):
         raise ConfigError("--baselines compares meta-RL policies; this is a few-shot run")
+    if args.metaworld:
+        return _evaluate_metaworld(args, cfg, run_dir)
     exp, iteration = restore(cfg, run_dir)
     steps = cfg.eval.steps if args.steps is None else args.steps
     num_tasks = cfg.eval.num_tasks if args.num_tasks is None else args.num_tasks
@@ -177,6 +179,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{s:>5}  {m:>9.4f}  {c:>8.4f}")
     text = json.dumps(result, indent=2) + "\n"
     for path in [run_dir / "eval.json"] + ([Path(args.json)] if args.json else []):
+        _write_text(path, text)
+    return 0
+
+
+def _evaluate_metaworld(args: argparse.Namespace, cfg: Any, run_dir: Path) -> int:
+    """``metarl evaluate --metaworld``: Meta-World's own protocol on both splits."""
+    from metarl.app.adapt import load
+    from metarl.app.metaworld_agent import evaluate_splits
+
+    if not (isinstance(cfg, RLConfig) and cfg.family.startswith("MetaWorld")):
+        raise ConfigError(f"--metaworld scores Meta-World runs; this run's family is {cfg.family}")
+    for name in ("num_evals", "adaptation_episodes", "evaluation_episodes"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    meta = load(run_dir)
+    t0 = time.perf_counter()
+    try:
+        result = evaluate_splits(
+            meta,
+            num_evals=args.num_evals,
+            adaptation_episodes=args.adaptation_episodes,
+            evaluation_episodes=args.evaluation_episodes,
+            meta_batch_size=args.meta_batch_size,
+            seed=args.seed,
+        )
+    except ValueError as exc:  # e.g. a meta-batch size the split's classes do not divide
+        raise ConfigError(str(exc)) from None
+    finally:
+        meta.experiment.close()
+    print(f"{run_dir}: Meta-World success rate, {args.num_evals} rounds ({time.perf_counter() - t0:.1f} s)")
+    print(f"{'split':>6}  {'success':>8}  {'ci95':>6}")
+    for split, r in result["splits"].items():
+        print(f"{split:>6}  {r['mean'][0]:>8.3f}  {r['ci95'][0]:>6.3f}")
+    text = json.dumps(result, indent=2) + "\n"
+    for path in [run_dir / "eval_metaworld.json"] + ([Path(args.json)] if args.json else []):
         _write_text(path, text)
     return 0
 

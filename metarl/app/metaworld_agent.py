@@ -248,6 +248,78 @@ def make_eval_envs(cfg: Any, *, split: str = "test", meta_batch_size: int | None
     return gym.make_vec(name, **kwargs)
 
 
+def evaluate_splits(
+    meta: Any,
+    *,
+    num_evals: int = 10,
+    adaptation_episodes: int = 10,
+    evaluation_episodes: int = 3,
+    meta_batch_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Meta-train and meta-test success rates by Meta-World's protocol, with 95% CIs over rounds.
+
+    Each of ``num_evals`` rounds is one ``metalearning_evaluation`` call (new goals for every
+    sub-env, the agent re-initialised, adaptation, evaluation). Returns, per split, the shape of
+    ``metarl evaluate``'s JSON with ``"metric": "success"`` (``steps``: the adaptation steps
+    taken), the success rate per task name, the mean return and every round's figures."""
+    from metaworld.evaluation import metalearning_evaluation
+
+    from metarl.runs.experiment import mean_and_ci95
+
+    steps = 1 if meta.experiment.trials else meta.cfg.inner.steps
+    settings = {
+        "protocol": "metaworld.evaluation.metalearning_evaluation",
+        "num_evals": num_evals,
+        "adaptation_steps": steps,
+        "adaptation_episodes": adaptation_episodes,
+        "evaluation_episodes": evaluation_episodes,
+        "meta_batch_size": meta_batch_size,
+        "seed": seed,
+    }
+    splits = {}
+    for split in ("train", "test"):
+        envs = make_eval_envs(meta.cfg, split=split, meta_batch_size=meta_batch_size)
+        agent = agent_of(meta, seed=seed)
+        rounds = []
+        try:
+            for _ in range(num_evals):
+                success, mean_return, per_task = metalearning_evaluation(
+                    agent,
+                    envs,
+                    num_evals=1,
+                    adaptation_steps=steps,
+                    adaptation_episodes=adaptation_episodes,
+                    evaluation_episodes=evaluation_episodes,
+                )
+                rounds.append(
+                    {"success": success, "return": mean_return, "per_task": {k: float(v) for k, v in per_task.items()}}
+                )
+        finally:
+            envs.close()
+        summary = mean_and_ci95(np.array([[r["success"]] for r in rounds]))
+        names = sorted(rounds[0]["per_task"])
+        per_task = {
+            name: {
+                k: v[0]
+                for k, v in mean_and_ci95(np.array([[r["per_task"][name]] for r in rounds])).items()
+                if k != "num_tasks"
+            }
+            for name in names
+        }
+        splits[split] = {
+            "metric": "success",
+            "steps": [steps],
+            "mean": summary["mean"],
+            "ci95": summary["ci95"],
+            "num_evals": num_evals,
+            "per_task": per_task,
+            "mean_return": float(np.mean([r["return"] for r in rounds])),
+            "rounds": rounds,
+        }
+    return {"metric": "success", "settings": settings, "splits": splits}
+
+
 def score(
     meta: Any,
     *,
