@@ -53,6 +53,46 @@ class Episodes(NamedTuple):
     """``[N, E]`` float32: 1.0 if the env reported ``info["success"]`` during the episode, else 0.0
     (Meta-World); None for envs that do not report success."""
 
+    @classmethod
+    def from_step_major(
+        cls,
+        num_tasks: int,
+        *,
+        observations: torch.Tensor,
+        actions: torch.Tensor,
+        rewards,
+        log_probs: torch.Tensor,
+        mask,
+        final_observations,
+        terminated,
+        lengths,
+        success=None,
+    ) -> Episodes:
+        """A batch from a sampler's buffers: per-step ``[H, N * E, ...]`` (episode ``n * E + e`` in
+        column order), per-episode ``[N * E, ...]``; NumPy arrays or tensors."""
+
+        def tensor(x) -> torch.Tensor:
+            return x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+
+        h, m = observations.shape[:2]
+        n, e = num_tasks, m // num_tasks
+
+        def task_major(x) -> torch.Tensor:  # [H, N*E, ...] -> [N, H, E, ...]
+            x = tensor(x)
+            return x.reshape(h, n, e, *x.shape[2:]).transpose(0, 1).contiguous()
+
+        return cls(
+            observations=task_major(observations),
+            actions=task_major(actions),
+            rewards=task_major(rewards),
+            log_probs=task_major(log_probs),
+            mask=task_major(mask),
+            final_observations=tensor(final_observations).view(n, e, -1),
+            terminated=tensor(terminated).view(n, e),
+            lengths=tensor(lengths).view(n, e),
+            success=None if success is None else tensor(success).view(n, e),
+        )
+
     # ---------------------------------------------------------------------------------------
     # Sizes and views
     # ---------------------------------------------------------------------------------------

@@ -118,19 +118,17 @@ def sample_trials(sampler: Any, policy: torch.nn.Module, params: dict[str, torch
             reports_success = True
             success[cols] = batch.success
 
-    def task_major(x: torch.Tensor) -> torch.Tensor:  # [H, N*E, ...] -> [N, H, E, ...]
-        return x.reshape(h, n, e, *x.shape[2:]).transpose(0, 1).contiguous()
-
-    return Episodes(
-        observations=task_major(obs_buf),
-        actions=task_major(act_buf),
-        rewards=task_major(torch.from_numpy(rew_buf)),
-        log_probs=task_major(logp_buf),
-        mask=task_major(torch.from_numpy(mask_buf)),
-        final_observations=torch.from_numpy(final_obs).view(n, e, obs_dim),
-        terminated=torch.from_numpy(terminated_out).view(n, e),
-        lengths=torch.from_numpy(lengths).view(n, e),
-        success=torch.from_numpy(success).view(n, e) if reports_success else None,
+    return Episodes.from_step_major(
+        n,
+        observations=obs_buf,
+        actions=act_buf,
+        rewards=rew_buf,
+        log_probs=logp_buf,
+        mask=mask_buf,
+        final_observations=final_obs,
+        terminated=terminated_out,
+        lengths=lengths,
+        success=success if reports_success else None,
     )
 
 
