@@ -264,3 +264,34 @@ def test_plot_adaptation_errors(tmp_path):
     with pytest.raises(ValueError, match=r"result\['methods'\] must be a non-empty mapping"):
         plot_adaptation({"steps": [0], "methods": {}}, out)
     assert not out.exists()
+
+
+def test_experience_axis_counts_episodes_per_step_or_per_trial_episode():
+    from types import SimpleNamespace
+
+    from metarl.app.plot import experience_of
+
+    def cfg(recurrent, eval_episodes, episodes):
+        return SimpleNamespace(
+            policy=SimpleNamespace(recurrent=recurrent),
+            eval=SimpleNamespace(episodes_per_task=eval_episodes),
+            episodes_per_task=episodes,
+        )
+
+    assert experience_of(cfg(None, None, 20), [0, 1, 2, 3]).tolist() == [0, 20, 40, 60]  # MAML: E per step
+    assert experience_of(cfg(None, 10, 20), [0, 1]).tolist() == [0, 10]  # the evaluation's E when set
+    assert experience_of(cfg("gru", None, 8), [0, 1, 2, 3]).tolist() == [0, 1, 2, 3]  # RL^2: one per step
+
+
+def test_plot_by_experience_draws_every_curve_and_checks_lengths(tmp_path):
+    from metarl.app.plot import plot_by_experience
+
+    out = tmp_path / "exp.png"
+    curves = {
+        "maml_trpo": {"episodes": [0, 20, 40], "mean": [-50.0, -30.0, -25.0], "ci95": [2.0, 2.0, 2.0]},
+        "rl2": {"episodes": [0, 1, 2, 3], "mean": [-60.0, -40.0, -35.0, -33.0], "ci95": None},
+    }
+    assert plot_by_experience(curves, out) == ["maml_trpo", "rl2"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="3 means for 2 points"):
+        plot_by_experience({"x": {"episodes": [0, 1], "mean": [1.0, 2.0, 3.0]}}, out)

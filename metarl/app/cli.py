@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--keys", nargs="+", help="metric keys (default: returns before/after adaptation, or few-shot losses)"
     )
     pl.add_argument("--smooth", type=int, default=1, help="moving-average window (default 1: none)")
+    pl.add_argument(
+        "--evaluations",
+        action="store_true",
+        help="instead: each run's evaluation (eval_baselines.json, else eval.json) against the episodes of "
+        "experience on the new task, all runs in one plot (MAML-type learners and RL^2 side by side); "
+        "--baselines adds the baselines of the runs that have them",
+    )
+    pl.add_argument("--baselines", action="store_true", help="--evaluations: also draw each run's baselines")
     pl.set_defaults(func=cmd_plot)
 
     ex = sub.add_parser(

@@ -6,6 +6,9 @@
   the iterations that log it.
 - :func:`plot_adaptation`: an evaluation result (metric by number of adaptation steps, with
   95% confidence intervals), one line per method.
+- :func:`plot_by_experience`: the evaluations of several runs against the episodes of experience
+  on the new task, so that gradient learners (``E`` episodes per adaptation step) and RL^2 (one
+  episode per step of its trial) share an axis.
 
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` (never ``pyplot``), so plotting
 touches no global state and works in threads and on machines without a display. PNGs are
@@ -216,6 +219,41 @@ def plot_adaptation(result: Mapping[str, Any], out: str | os.PathLike, *, title:
     ax.legend(fontsize=8)
     _save(fig, out)
     return [str(name) for name in methods]
+
+
+def experience_of(cfg: Any, steps: Sequence[float]) -> np.ndarray:
+    """Episodes of experience on the new task before each evaluated step of a run: ``s`` for RL^2
+    (step ``s`` is episode ``s + 1`` of the trial), ``s * E`` for gradient learners (``E``: the
+    episodes of each adaptation step, ``eval.episodes_per_task`` or ``episodes_per_task``)."""
+    steps = np.asarray(steps, dtype=np.float64)
+    if getattr(cfg.policy, "recurrent", None) is not None:
+        return steps
+    return steps * (cfg.eval.episodes_per_task or cfg.episodes_per_task)
+
+
+def plot_by_experience(
+    curves: Mapping[str, Mapping[str, Any]], out: str | os.PathLike, *, metric: str = "return", title: str = ""
+) -> list[str]:
+    """One line per entry of ``curves`` (``label -> {"episodes": [...], "mean": [...], "ci95": [...]}``)
+    with its 95% CI band, against episodes of experience; into the PNG ``out``. Returns the labels."""
+    if not curves:
+        raise ValueError("plot_by_experience needs at least one curve")
+    fig, (ax,) = _grid(1, width=6.5, height=4.0)
+    for label, c in curves.items():
+        x, mean = _floats(c["episodes"]), _floats(c["mean"])
+        if len(x) != len(mean):
+            raise ValueError(f"curve {label!r} has {len(mean)} means for {len(x)} points")
+        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=str(label))
+        if c.get("ci95") is not None:
+            ci = _floats(c["ci95"])
+            ax.fill_between(x, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_title(title or f"{metric} on held-out tasks by experience", fontsize=10)
+    ax.set_xlabel("episodes of experience on the task")
+    ax.set_ylabel(f"{metric} (mean, 95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out)
+    return [str(label) for label in curves]
 
 
 # ------------------------------------------------------------------------------------------
