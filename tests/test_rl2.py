@@ -260,6 +260,7 @@ def test_rl2_return_statistics_merge_as_one_batch():
         ("navigation2d/maml_trpo.yaml", ["policy.recurrent=gru"], "policy.recurrent: must be null for maml_trpo"),
         ("navigation2d/maml_trpo.yaml", ["episodes_per_trial=2"], "episodes_per_trial: must be 1 for maml_trpo"),
         ("navigation2d/rl2.yaml", ["episodes_per_task=10", "episodes_per_trial=4"], "multiple of episodes_per_trial"),
+        ("navigation2d/rl2.yaml", ["eval.episodes_per_task=5"], "eval.episodes_per_task: must be null for rl2"),
     ],
 )
 def test_rl2_config_combinations_are_checked(config, overrides, message):

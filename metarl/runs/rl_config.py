@@ -169,6 +169,10 @@ class RLConfig(ConfigModel):
             raise field_error("", "policy.recurrent", "rl2 needs a recurrent policy: gru or lstm")
         if not recurrent_algorithm and self.policy.recurrent is not None:
             raise field_error("", "policy.recurrent", f"must be null for {self.algorithm} (a recurrent policy is rl2's)")
+        if recurrent_algorithm and self.eval.episodes_per_task is not None:
+            raise field_error(
+                "", "eval.episodes_per_task", "must be null for rl2: it evaluates trials (as many per task as in training)"
+            )
         if not recurrent_algorithm and self.episodes_per_trial != 1:
             raise field_error("", "episodes_per_trial", f"must be 1 for {self.algorithm} (trials are rl2's)")
         if self.episodes_per_task % self.episodes_per_trial:
