@@ -67,7 +67,7 @@ def trial_sequences(episodes: Episodes, episodes_per_trial: int) -> TrialSequenc
     mask = seq(episodes.mask)
     # the real steps first, in time order: a stable sort on "is padding"
     order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
-    episode_of = torch.arange(k).repeat_interleave(h).expand(n * r, k * h)
+    episode_of = torch.arange(k, device=mask.device).repeat_interleave(h).expand(n * r, k * h)
 
     def gather(x: torch.Tensor) -> torch.Tensor:
         index = order.view(*order.shape, *([1] * (x.dim() - 2))).expand(*order.shape, *x.shape[2:])
@@ -96,9 +96,9 @@ def trial_gae(
     """
     b, t_len = rewards.shape
     advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros(b, dtype=rewards.dtype)
-    next_adv = torch.zeros(b, dtype=rewards.dtype)
-    next_mask = torch.zeros(b, dtype=rewards.dtype)
+    next_value = rewards.new_zeros(b)
+    next_adv = rewards.new_zeros(b)
+    next_mask = rewards.new_zeros(b)
     for t in range(t_len - 1, -1, -1):
         delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]
         next_adv = (delta + gamma * gae_lambda * next_mask * next_adv) * mask[:, t]
