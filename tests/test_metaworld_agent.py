@@ -49,6 +49,7 @@ def test_collected_steps_become_each_sub_envs_episodes():
     "config, extra, kind",
     [
         ("experiments/metaworld_ml1_reach/maml_trpo.yaml", [], GradientAgent),
+        ("experiments/metaworld_ml1_reach/promp.yaml", ["promp.steps=1"], GradientAgent),
         ("experiments/metaworld_ml1_reach/rl2.yaml", ["episodes_per_trial=2", "policy.rnn_size=8", "ppo.epochs=1"],
          RecurrentAgent),
     ],
