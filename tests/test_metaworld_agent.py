@@ -79,10 +79,10 @@ def test_agents_run_metaworlds_own_evaluation(tmp_path_factory, config, extra, k
             assert not torch.equal(agent.params[name][0], agent.params[name][1])
     else:  # the trial's state ran through adaptation and evaluation
         assert agent.state.shape == (2, 1, 8) and agent.state.abs().max() > 0
-    # score() is the same protocol with the run's settings
-    assert set(score(meta, num_evals=1, adaptation_episodes=1, evaluation_episodes=1, meta_batch_size=2)[2]) == {
-        "reach-v3"
-    }
+    if config.endswith("maml_trpo.yaml"):  # score() is the same protocol with the run's settings
+        assert set(score(meta, num_evals=1, adaptation_episodes=1, evaluation_episodes=1, meta_batch_size=2)[2]) == {
+            "reach-v3"
+        }
 
 
 def test_metaworld_agent_needs_a_metaworld_run(tmp_path_factory):
