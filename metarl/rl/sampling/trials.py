@@ -70,6 +70,7 @@ def sample_trials(sampler: Any, policy: torch.nn.Module, params: dict[str, torch
     prev_reward = torch.zeros(n, r_pad)
     done = torch.zeros(n, r_pad)
     noise_pad = torch.zeros(n, r_pad, act_dim)
+    run_pad = torch.zeros(n, r_pad, 1, dtype=torch.bool)  # padding rows never run
     slot_of = np.arange(slots)
     for k in range(k_trial):
         cols = slot_of * k_trial + k  # episode r * K + k of task n, in the [N * E] episode order
@@ -81,7 +82,6 @@ def sample_trials(sampler: Any, policy: torch.nn.Module, params: dict[str, torch
         for t in range(h):
             obs_t = torch.as_tensor(obs, dtype=torch.float32)
             run_t = torch.from_numpy(running)
-            run_pad = torch.zeros(n, r_pad, 1, dtype=torch.bool)
             run_pad[:, :trials, 0] = run_t.view(n, trials)
             obs_pad[:, :trials] = obs_t.view(n, trials, obs_dim)
             x = policy.inputs(obs_pad, prev_action, prev_reward, done)
@@ -103,10 +103,9 @@ def sample_trials(sampler: Any, policy: torch.nn.Module, params: dict[str, torch
             mask_buf[t, cols] = running
             # what the next step reads: this step's action and reward, where the slot ran
             prev_action = torch.where(run_pad, actions_pad, prev_action)
-            prev_reward = torch.where(
-                run_pad[..., 0], _pad_rows(torch.from_numpy(rewards), n, trials, r_pad), prev_reward
-            )
-            done = torch.where(run_pad[..., 0], torch.zeros_like(done), done)
+            ran = run_pad[:, :trials, 0]
+            prev_reward[:, :trials][ran] = torch.from_numpy(rewards).view(n, trials)[ran]
+            done[:, :trials][ran] = 0.0
             ended = running & (terminated | truncated | (t == h - 1))
             final_obs[cols[ended]] = obs[ended]
             terminated_out[cols[ended]] = terminated[ended]
@@ -130,10 +129,3 @@ def sample_trials(sampler: Any, policy: torch.nn.Module, params: dict[str, torch
         lengths=lengths,
         success=success if reports_success else None,
     )
-
-
-def _pad_rows(values: torch.Tensor, n: int, trials: int, r_pad: int) -> torch.Tensor:
-    """``[N * R] -> [N, r_pad]`` with zeros in the padding rows."""
-    out = torch.zeros(n, r_pad, dtype=values.dtype)
-    out[:, :trials] = values.view(n, trials)
-    return out
