@@ -297,30 +297,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _plot_evaluations(args: argparse.Namespace) -> int:
     """``metarl plot --evaluations``: every run's evaluation against episodes of experience."""
-    from metarl.app.plot import experience_of, plot_by_experience
+    from metarl.app.plot import evaluation_curves, plot_by_experience
 
-    curves: dict[str, dict[str, Any]] = {}
-    metric = "return"
-    algorithms: set[str] = set()
-    for run in [require_run_dir(d) for d in args.run_dirs]:
-        cfg = load_run_config(run)
-        path = run / "eval_baselines.json" if (run / "eval_baselines.json").is_file() else run / "eval.json"
-        if not path.is_file():
-            raise RunError(f"{run} has no eval.json or eval_baselines.json; run metarl evaluate on it first")
-        try:
-            result = json.loads(path.read_text())
-            methods = result.get("methods") or {"meta": result}
-            metric = result.get("metric", metric)
-            x = experience_of(cfg, result["steps"])
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
-            raise RunError(f"{path} is not a metarl evaluation ({type(exc).__name__}: {exc})") from None
-        label = cfg.algorithm if cfg.algorithm not in algorithms else f"{cfg.algorithm} ({run.name})"
-        algorithms.add(cfg.algorithm)
-        for name, values in methods.items():
-            if name != "meta" and not args.baselines:
-                continue
-            key = label if name == "meta" else f"{name} ({cfg.algorithm} run)"
-            curves[key] = {"episodes": x, "mean": values["mean"], "ci95": values.get("ci95")}
+    curves, metric = evaluation_curves([require_run_dir(d) for d in args.run_dirs], baselines=args.baselines)
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "experience.png"
     with writing(out):
         labels = plot_by_experience(curves, out, metric=metric)

@@ -231,6 +231,39 @@ def experience_of(cfg: Any, steps: Sequence[float]) -> np.ndarray:
     return steps * (cfg.eval.episodes_per_task or cfg.episodes_per_task)
 
 
+def evaluation_curves(run_dirs: Sequence[Path], *, baselines: bool = False) -> tuple[dict[str, dict[str, Any]], str]:
+    """Each run's evaluation (``eval_baselines.json``, else ``eval.json``) as curves for
+    :func:`plot_by_experience` (label: the run's algorithm; ``baselines``: also its baselines),
+    and the metric. A run without a readable evaluation is a one-line RunError."""
+    import json
+
+    from metarl.runs.load import load_run_config
+    from metarl.runs.rundir import RunError
+
+    curves: dict[str, dict[str, Any]] = {}
+    metric = "return"
+    algorithms: set[str] = set()
+    for run in run_dirs:
+        cfg = load_run_config(run)
+        path = run / "eval_baselines.json" if (run / "eval_baselines.json").is_file() else run / "eval.json"
+        if not path.is_file():
+            raise RunError(f"{run} has no eval.json or eval_baselines.json; run metarl evaluate on it first")
+        try:
+            result = json.loads(path.read_text())
+            methods = result.get("methods") or {"meta": result}
+            metric = result.get("metric", metric)
+            x = experience_of(cfg, result["steps"])
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+            raise RunError(f"{path} is not a metarl evaluation ({type(exc).__name__}: {exc})") from None
+        label = cfg.algorithm if cfg.algorithm not in algorithms else f"{cfg.algorithm} ({run.name})"
+        algorithms.add(cfg.algorithm)
+        for name, values in methods.items():
+            if name == "meta" or baselines:
+                key = label if name == "meta" else f"{name} ({cfg.algorithm} run)"
+                curves[key] = {"episodes": x, "mean": values["mean"], "ci95": values.get("ci95")}
+    return curves, metric
+
+
 def plot_by_experience(
     curves: Mapping[str, Mapping[str, Any]], out: str | os.PathLike, *, metric: str = "return", title: str = ""
 ) -> list[str]:
