@@ -51,7 +51,7 @@ from metarl.core.atomic import atomic_open
 from metarl.core.functional import inner_lrs
 from metarl.rl.actions import env_actions
 from metarl.rl.sampling import task_seeds
-from metarl.rl.trials import trial_sequences
+from metarl.rl.trials import trial_context
 from metarl.runs.experiment import TEST, TRAIN
 from metarl.runs.load import load_run_config, restore
 from metarl.runs.rl_config import RLConfig
@@ -225,7 +225,7 @@ class MetaPolicy(_Acting):
         seeds = task_seeds(cfg.seed, TEST, ADAPT_SEED_KEY, seed, n=1)
         data = sampler.sample(self.params, [task], seeds)
         returns = [float(r) for r in exp.per_trial_episode(data.returns_per_episode(), episodes)[0]]
-        context = _trial_context(self.policy, self.params, data, episodes)
+        context = trial_context(self.policy, self.params, data, episodes)
         return AdaptedPolicy(
             self.policy,
             dict(self.params),
@@ -238,25 +238,6 @@ class MetaPolicy(_Acting):
             kept_step=len(returns) - 1,
             context=context,
         )
-
-
-@torch.no_grad()
-def _trial_context(policy, params: dict[str, torch.Tensor], episodes, k: int) -> dict[str, torch.Tensor]:
-    """The recurrent state and the last action and reward of the first trial of ``episodes``, its
-    next step the start of a new episode (``done`` 1): replayed step by step with the sampler's cell."""
-    seqs = trial_sequences(episodes, k)
-    length = int(seqs.mask[0].sum())
-    x = policy.inputs(seqs.observations[0], seqs.prev_actions[0], seqs.prev_rewards[0], seqs.done[0])
-    batched = {name: v.unsqueeze(0) for name, v in params.items()}
-    state = policy.initial_state(1, 1)
-    for t in range(length):
-        state = policy.cell(x[t].view(1, 1, -1), state, batched)
-    return {
-        "state": state.view(-1).clone(),
-        "prev_action": seqs.actions[0, length - 1].clone(),
-        "prev_reward": seqs.rewards[0, length - 1].clone(),
-        "done": torch.tensor(1.0),
-    }
 
 
 def _mean_return(data) -> float:

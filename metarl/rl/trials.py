@@ -105,3 +105,23 @@ def trial_gae(
         advantages[:, t] = next_adv
         next_value, next_mask = values[:, t], mask[:, t]
     return advantages
+
+
+@torch.no_grad()
+def trial_context(policy, params: dict[str, torch.Tensor], episodes: Episodes, k: int) -> dict[str, torch.Tensor]:
+    """Where the first trial of ``episodes`` (trials of ``k``) leaves a recurrent policy: its state
+    ``[state_dim]`` (replayed step by step with the sampler's cell), the last action and reward, and
+    ``done`` 1 (the next step starts a new episode). ``params``: the policy's, without a task dimension."""
+    seqs = trial_sequences(episodes, k)
+    length = int(seqs.mask[0].sum())
+    x = policy.inputs(seqs.observations[0], seqs.prev_actions[0], seqs.prev_rewards[0], seqs.done[0])
+    batched = {name: v.unsqueeze(0) for name, v in params.items()}
+    state = policy.initial_state(1, 1)
+    for t in range(length):
+        state = policy.cell(x[t].view(1, 1, -1), state, batched)
+    return {
+        "state": state.view(-1).clone(),
+        "prev_action": seqs.actions[0, length - 1].clone(),
+        "prev_reward": seqs.rewards[0, length - 1].clone(),
+        "done": torch.tensor(1.0),
+    }
