@@ -11,7 +11,7 @@ For a family (the name of its folder under ``experiments/``, e.g. ``halfcheetah_
 3. ``record``: ``experiments/results/<family>_baselines.json`` (the evaluation JSON plus the
    run's iterations, env steps, training minutes, machine and date), ``<family>_baselines.png``,
    ``<family>_curves.png`` (``metarl plot``: return before and after adaptation), and the run
-   itself under ``experiments/results/runs/<family>/`` (config, metrics, last checkpoint), so
+   itself under ``experiments/results/runs/<family>/`` (config, metrics, last checkpoint, evaluation), so
    ``metarl adapt`` and ``metarl evaluate`` work on it from a fresh clone.
 
 ``table`` prints the README's table of every recorded family.
@@ -100,7 +100,7 @@ def evaluate(family: str, run_dir: Path) -> None:
     subprocess.run([*plot, "--smooth", "5"], cwd=ROOT, check=True)
     keep = RESULTS / "runs" / family
     keep.mkdir(parents=True, exist_ok=True)
-    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt"):
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "eval_baselines.json"):
         shutil.copyfile(run_dir / name, keep / name)
     print(f"recorded {RESULTS / f'{family}_baselines.json'} and {keep}")
 
