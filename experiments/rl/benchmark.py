@@ -126,6 +126,14 @@ def main() -> None:
     parser.add_argument("--no-eval", action="store_true")
     parser.add_argument("--tag", default="", help="record under NAME@TAG (e.g. a speed run with other threads)")
     args, overrides = parser.parse_known_args()
+    # key=value given right after the configs land in ``names`` (nargs="+"): they are overrides.
+    overrides = [n for n in args.names if "=" in n] + overrides
+    args.names = [n for n in args.names if "=" not in n]
+    for name in args.names:
+        if not (ROOT / "experiments" / f"{name}.yaml").is_file():
+            parser.error(f"config {name!r}: no experiments/{name}.yaml (give FOLDER/ALGORITHM: navigation2d/maml_trpo)")
+    if not args.names:
+        parser.error("give at least one config, e.g. navigation2d/maml_trpo")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.names:
         key = f"{name}@{args.tag}" if args.tag else name
