@@ -68,14 +68,30 @@ def run_dir_of(out: Path, family: str) -> Path:
     return out / f"{family}-maml_trpo-hour"
 
 
-def train(family: str, out: Path, minutes: float, overrides: list[str]) -> None:
-    cmd = [sys.executable, str(HERE / "benchmark.py"), f"{family}/maml_trpo", "--minutes", str(minutes)]
+def train_config(config: str, out: Path, minutes: float, overrides: list[str]) -> None:
+    """``benchmark.py CONFIG --minutes M --tag hour --no-eval`` on one core (resumable)."""
+    cmd = [sys.executable, str(HERE / "benchmark.py"), config, "--minutes", str(minutes)]
     cmd += ["--tag", "hour", "--no-eval", "--out", str(out), *TRAIN_OVERRIDES, *overrides]
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def evaluate(family: str, run_dir: Path) -> None:
+def run_figures(run_dir: Path) -> dict:
+    """Iterations, env steps, training minutes and median seconds per iteration of a run, with
+    the overrides it trained with, the machine and the date."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds = sorted(r["time/iteration"] for r in rows)
+    return {
+        "train_overrides": TRAIN_OVERRIDES,
+        "iterations": len(rows),
+        "env_steps": rows[-1]["env_steps"],
+        "train_minutes": round(sum(seconds) / 60, 1),
+        "seconds_per_iteration_median": round(seconds[len(seconds) // 2], 2),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def evaluate(family: str, run_dir: Path) -> None:
     t0 = time.time()
     cmd = [sys.executable, "-m", "metarl", "evaluate", str(run_dir), "--baselines", *PROTOCOL]
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -84,15 +100,9 @@ def evaluate(family: str, run_dir: Path) -> None:
         family=family,
         config=f"experiments/{family}/maml_trpo.yaml",
         run=f"experiments/results/runs/{family}",
-        train_overrides=TRAIN_OVERRIDES,
-        iterations=len(rows),
-        env_steps=rows[-1]["env_steps"],
-        train_minutes=round(sum(r["time/iteration"] for r in rows) / 60, 1),
-        seconds_per_iteration_median=round(sorted(r["time/iteration"] for r in rows)[len(rows) // 2], 2),
         command="metarl evaluate RUN --baselines " + " ".join(PROTOCOL),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        date=time.strftime("%Y-%m-%d"),
         evaluate_minutes=round((time.time() - t0) / 60, 1),
+        **run_figures(run_dir),
     )
     (RESULTS / f"{family}_baselines.json").write_text(json.dumps(result, indent=2) + "\n")
     shutil.copyfile(run_dir / "eval_baselines.png", RESULTS / f"{family}_baselines.png")
@@ -142,7 +152,7 @@ def main() -> None:
         parser.error(f"family: need a folder of experiments/ with a maml_trpo.yaml, got {args.family!r}")
     run_dir = args.run_dir or run_dir_of(args.out, args.family)
     if args.what in ("all", "train"):
-        train(args.family, args.out, args.minutes, overrides)
+        train_config(f"{args.family}/maml_trpo", args.out, args.minutes, overrides)
     if args.what in ("all", "evaluate"):
         evaluate(args.family, run_dir)
 

@@ -36,19 +36,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from families import run_figures, train_config  # the same timed training and run figures as every family
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULTS = ROOT / "experiments" / "results"
 METAWORLD = RESULTS / "metaworld.json"
-TRAIN_OVERRIDES = ["threads=1", "ray.workers=0"]
 #: Held-out tasks of the non-Meta-World evaluations: those of ``families.py``'s protocol.
 HELD_OUT = ["--num-tasks", "40", "--steps", "3"]
 #: Yu et al. (2019), Meta-World, Table 1: meta-train / meta-test success rate (%), with the env
@@ -63,33 +62,8 @@ PUBLISHED = {
 }
 
 
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def run_dir_of(out: Path, config: str) -> Path:
     return out / f"{config.replace('/', '-')}-hour"
-
-
-def train(config: str, out: Path, minutes: float, overrides: list[str]) -> None:
-    cmd = [sys.executable, str(HERE / "benchmark.py"), config, "--minutes", str(minutes)]
-    cmd += ["--tag", "hour", "--no-eval", "--out", str(out), *TRAIN_OVERRIDES, *overrides]
-    subprocess.run(cmd, cwd=ROOT, check=True)
-
-
-def run_figures(run_dir: Path) -> dict:
-    """Iterations, env steps, training minutes and median seconds per iteration of a run."""
-    rows = read_rows(run_dir)
-    seconds = sorted(r["time/iteration"] for r in rows)
-    return {
-        "iterations": len(rows),
-        "env_steps": rows[-1]["env_steps"],
-        "train_minutes": round(sum(seconds) / 60, 1),
-        "seconds_per_iteration_median": round(seconds[len(seconds) // 2], 2),
-        "train_overrides": TRAIN_OVERRIDES,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
 
 def keep_run(run_dir: Path, name: str, evaluation: str) -> Path:
@@ -187,7 +161,7 @@ def main() -> None:
         parser.error(f"config: need FOLDER/ALGORITHM with an experiments/FOLDER/ALGORITHM.yaml, got {args.config!r}")
     run_dir = args.run_dir or run_dir_of(args.out, args.config)
     if args.what in ("all", "train"):
-        train(args.config, args.out, args.minutes, overrides)
+        train_config(args.config, args.out, args.minutes, overrides)
     if args.what in ("all", "evaluate"):
         evaluate(args.config, run_dir, ["--num-evals", str(args.num_evals)])
 
