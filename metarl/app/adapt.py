@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,13 @@ import torch
 
 import envs  # noqa: F401
 from envs.base import InvalidTask, TaskOutOfRange
-from metarl.app.adapted_files import ADAPTED_INFO, ADAPTED_POLICY, find_run, read_adapted_info, read_adapted_policy
+from metarl.app.adapted_files import (
+    ADAPTED_INFO,
+    ADAPTED_POLICY,
+    find_run,
+    read_adapted_info,
+    read_adapted_policy,
+)
 from metarl.app.video import VideoUnavailable, record_video
 from metarl.core.atomic import atomic_open
 from metarl.core.functional import inner_lrs
@@ -55,7 +60,7 @@ from metarl.rl.trials import trial_context
 from metarl.runs.experiment import TEST, TRAIN
 from metarl.runs.load import load_run_config, restore
 from metarl.runs.rl_config import RLConfig
-from metarl.runs.rundir import RunError, check_writable, require_run_dir, writing
+from metarl.runs.rundir import RunError, require_run_dir, writing
 
 KEEP = ("last", "best")
 #: Seed key of the episodes of `metarl adapt` (test split): keeps them apart from evaluation's
@@ -333,28 +338,6 @@ class AdaptedPolicy(_Acting):
         with writing(out / ADAPTED_INFO), atomic_open(out / ADAPTED_INFO, "w") as f:
             f.write(json.dumps(info, indent=2) + "\n")
         return out
-
-
-def check_adapted_out(out_dir: str | Path) -> Path:
-    """Raise a one-line RunError unless ``out_dir`` can take a new adapted policy: not a file, not
-    an existing adapted-policy directory, writable. Cheap; the CLI calls it before adapting."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is an existing file; choose a directory path for the adapted policy")
-    if (out / ADAPTED_INFO).exists() or (out / ADAPTED_POLICY).exists():
-        raise RunError(f"--out {out} already holds an adapted policy; choose another directory or delete it first")
-    check_writable(out)
-    return out
-
-
-def default_adapted_dir(run_dir: str | Path) -> Path:
-    """``RUN_DIR/adapted/TIMESTAMP``, with ``-2``, ``-3``... when that exists (two adaptations in a second)."""
-    base = Path(run_dir) / "adapted" / time.strftime("%Y%m%d-%H%M%S")
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
 
 
 def load(run_dir: str | Path) -> MetaPolicy:

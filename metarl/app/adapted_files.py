@@ -1,5 +1,6 @@
-"""Reading an adapted-policy directory (``metarl adapt --out``) defensively: every damaged, missing or
-hostile file is one RunError line, and nothing in a file is run (``weights_only=True``).
+"""Adapted-policy directories (``metarl adapt --out``): choosing and checking one before adapting, and
+reading one defensively: every damaged, missing or hostile file is one RunError line, and nothing
+in a file is run (``weights_only=True``).
 
 The directory holds ``adapted.json`` (task, returns, the run's path relative to the directory) and
 ``policy.pt`` (``{"model": {name: tensor}}``, the adapted parameters; for RL^2 also ``"context"``,
@@ -9,12 +10,13 @@ the recurrent state and previous action, reward and done flag after the adaptati
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from metarl.runs.rundir import CONFIG, RunError
+from metarl.runs.rundir import CONFIG, RunError, check_writable
 
 ADAPTED_POLICY = "policy.pt"
 ADAPTED_INFO = "adapted.json"
@@ -107,3 +109,25 @@ def find_run(out: Path, info: dict[str, Any]) -> Path:
         "a metarl run directory (moved or deleted?); keep adapted policies inside their run's directory, "
         "or edit 'run_dir' in adapted.json"
     )
+
+
+def check_adapted_out(out_dir: str | Path) -> Path:
+    """Raise a one-line RunError unless ``out_dir`` can take a new adapted policy: not a file, not
+    an existing adapted-policy directory, writable. Cheap; the CLI calls it before adapting."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is an existing file; choose a directory path for the adapted policy")
+    if (out / ADAPTED_INFO).exists() or (out / ADAPTED_POLICY).exists():
+        raise RunError(f"--out {out} already holds an adapted policy; choose another directory or delete it first")
+    check_writable(out)
+    return out
+
+
+def default_adapted_dir(run_dir: str | Path) -> Path:
+    """``RUN_DIR/adapted/TIMESTAMP``, with ``-2``, ``-3``... when that exists (two adaptations in a second)."""
+    base = Path(run_dir) / "adapted" / time.strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out

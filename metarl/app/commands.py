@@ -228,7 +228,8 @@ def _write_text(path: Path, text: str) -> None:
 def cmd_adapt(args: argparse.Namespace) -> int:
     import warnings
 
-    from metarl.app.adapt import check_adapted_out, default_adapted_dir, load
+    from metarl.app.adapt import load
+    from metarl.app.adapted_files import check_adapted_out, default_adapted_dir
 
     if (args.task is None) == (args.task_index is None):
         raise ConfigError("adapt needs exactly one of --task JSON (e.g. '{\"velocity\": 1.3}') or --task-index N")
