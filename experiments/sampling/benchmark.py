@@ -16,9 +16,12 @@ For each family at its reference shape (tasks x episodes x horizon), steady-stat
 Every sampler uses the real Gaussian MLP policy. Each sampler is warmed up (env construction, Ray
 start-up) before timing; repeats are interleaved so machine noise hits all alike; medians are
 reported with each rate's ratio to the physics limit at the same number of threads. Results go to
-``experiments/results/sampling.json`` with the machine and date. Usage::
+``experiments/results/sampling.json`` with the machine and date; ``--merge`` adds the measured
+families to an existing file (each keeps its own date and repeats). ``--table`` prints the README
+table of a results file. Usage::
 
-    python experiments/sampling/benchmark.py [--repeats 3] [--families halfcheetah_vel,ant_dir,...]
+    python experiments/sampling/benchmark.py [--repeats 3] [--families halfcheetah_vel,ant_dir,...] [--merge]
+    python experiments/sampling/benchmark.py --table [--results experiments/results/sampling.json]
 """
 
 from __future__ import annotations
@@ -186,6 +189,44 @@ def measure(name: str, fam: Family, repeats: int, ray_workers: tuple[int, ...]) 
     return out
 
 
+LABELS = {
+    "halfcheetah_vel": "HalfCheetahVel",
+    "ant_dir": "AntDir",
+    "metaworld_ml1_reach": "Meta-World ML1 reach",
+    "metaworld_ml1_push": "Meta-World ML1 push",
+    "metaworld_ml10": "Meta-World ML10",
+    "navigation2d": "Navigation2D",
+}
+
+
+def table(record: dict) -> str:
+    """The README's sampling table: env steps/s, (fraction of the physics limit), speed-up."""
+
+    def k(x: float) -> str:
+        return f"{x / 1000:.2f}k" if x < 10_000 else f"{x / 1000:.1f}k"
+
+    cols = ["reference", "in_process_1t", "in_process_2t", "ray_1w", "ray_2w"]
+    lines = [
+        "| family (tasks x episodes x horizon) | reference path | batched, 1 thread | batched, 2 threads "
+        "| Ray, 1 worker | Ray, 2 workers | physics limit 1 / 2 threads | date, repeats |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, fam in record["families"].items():
+        rate, frac, up = fam["steps_per_s"], fam.get("vs_physics_limit", {}), fam.get("speedup_vs_reference", {})
+        shape = fam["shape"]
+        cells = [f"{LABELS.get(name, name)} ({shape['tasks']} x {shape['episodes_per_task']} x {shape['horizon']})"]
+        for c in cols:
+            if c not in rate:
+                cells.append("—")
+                continue
+            cell = f"{k(rate[c])} ({frac[c]:.2f})" if c in frac else k(rate[c])
+            cells.append(cell + (f", {up[c]:.2f}x" if c in up else ""))
+        limit = f"{k(rate['physics_1t'])} / {k(rate['physics_2t'])}" if "physics_1t" in rate else "—"
+        cells += [limit, f"{fam.get('date', record['date'])}, {fam.get('repeats', record['repeats'])}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -193,7 +234,12 @@ def main() -> None:
     parser.add_argument("--ray-workers", default="1,2")
     parser.add_argument("--tasks", type=int, default=None, help="override every family's task count (smoke tests)")
     parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "sampling.json")
+    parser.add_argument("--merge", action="store_true", help="add the measured families to the results file")
+    parser.add_argument("--table", action="store_true", help="print the README table of the results file")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.results.read_text())))
+        return
     names = [f for f in args.families.split(",") if f]
     unknown = [f for f in names if f not in FAMILIES]
     if unknown:
@@ -214,6 +260,12 @@ def main() -> None:
             fam = Family(fam.env_id, args.tasks, fam.episodes, fam.horizon, fam.env_kwargs, fam.action_scale)
         record["families"][name] = measure(name, fam, args.repeats, workers)
         print(json.dumps({name: record["families"][name]}, indent=1), flush=True)
+    if args.merge and args.results.exists():
+        merged = json.loads(args.results.read_text())
+        for name, fam in record["families"].items():
+            stamp = {"date": record["date"], "repeats": args.repeats, "machine": record["machine"]}
+            merged["families"][name] = {**fam, **stamp}
+        record = merged
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.results}")
