@@ -12,31 +12,44 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from metaworld.policies import ENV_POLICY_MAP
 
+from envs import metaworld_batch
 from envs.metaworld_batch import MetaWorldBatch
 from envs.metaworld_tasks import MetaWorldEnv
 
 HORIZON = 500
 
 
-def _compare(rounds: list[list[dict]], *, steps: int = HORIZON, threads: int = 1, **kwargs) -> dict[str, float]:
+def _compare(
+    rounds: list[list[dict]], *, steps: int = HORIZON, threads: int = 1, scripted: bool = False, **kwargs
+) -> dict[str, float]:
+    """Run ``rounds`` in a batch and in reference envs; ``scripted``: Meta-World's expert policies act."""
     n = len(rounds[0])
     reference = [MetaWorldEnv(**kwargs) for _ in range(n)]
     batch = MetaWorldBatch([MetaWorldEnv(**kwargs) for _ in range(n)], threads=threads)
     rng = np.random.default_rng(3)
-    seen = {"success": 0.0, "truncations": 0}
+    seen = {"success": 0.0, "truncations": 0, "grasp": 0.0}
     for r, tasks in enumerate(rounds):
+        experts = [ENV_POLICY_MAP[task["env_name"]]() for task in tasks] if scripted else []
         for env, task in zip(reference, tasks):
             env.set_task(task)
         batch.set_tasks(tasks)
         seeds = [10 * r + i for i in range(n)]
         expected = np.stack([env.reset(seed=s)[0] for env, s in zip(reference, seeds)])
         np.testing.assert_array_equal(batch.reset(seeds), expected)
+        obs = expected
         for t in range(steps):
+            expected_obs = np.empty_like(obs)
             actions = rng.uniform(-1, 1, size=(n, 4)).astype(np.float32)
+            if scripted:  # the expert's action (shown the goal ML1 hides) plus noise
+                shown = [np.concatenate([o[:36], env._env._target_pos]) for o, env in zip(obs, reference)]
+                actions = np.clip([e.get_action(o) for e, o in zip(experts, shown)] + 0.3 * actions, -1, 1)
+                actions = actions.astype(np.float32)
             obs, reward, terminated, truncated, infos = batch.step(actions)
             for i, env in enumerate(reference):
                 o, rew, te, tr, info = env.step(actions[i])
+                expected_obs[i] = o
                 where = f"{tasks[i]} step {t}"
                 np.testing.assert_array_equal(obs[i], o, err_msg=where)
                 assert reward[i] == rew, where
@@ -44,6 +57,8 @@ def _compare(rounds: list[list[dict]], *, steps: int = HORIZON, threads: int = 1
                 assert infos[i] == info, where
                 seen["success"] += info["success"]
                 seen["truncations"] += tr
+                seen["grasp"] += info.get("grasp_success", 0.0)
+            obs = expected_obs
     return seen
 
 
@@ -59,6 +74,50 @@ def test_ml1_batched_step_equals_metaworld(task_name):
     ]
     seen = _compare(rounds, benchmark="ML1", task_name=task_name)
     assert seen["truncations"] == 2 * 3  # every episode reached Meta-World's horizon
+
+
+def test_grasping_episodes_equal_metaworld():
+    """Meta-World's expert picks the object up: grasp_success (the pads press on it) must match."""
+    rounds = [[{"env_name": "pick-place-v3", "index": i} for i in (2, 40)]]
+    seen = _compare(rounds, steps=150, scripted=True, benchmark="ML1", task_name="pick-place-v3")
+    assert seen["grasp"] > 50  # the answer "touching" mattered in many steps
+
+
+def test_touching_object_matches_metaworld_on_contact_states():
+    """_touching_object against Meta-World's touching_object on every state of noisy expert episodes.
+
+    Counts the states where both pads, exactly one pad and no pad press on the puck: each kind must
+    occur, so a swapped pad, an "or" for the "and" or a missed force term would show.
+    """
+    env = MetaWorldEnv(benchmark="ML1", task_name="pick-place-v3")
+    expert = ENV_POLICY_MAP["pick-place-v3"]()
+    rng = np.random.default_rng(0)
+    inner = env._env
+    object_id = inner._get_id_main_object()
+    pads = (inner.model.geom("leftpad_geom").id, inner.model.geom("rightpad_geom").id)
+    kinds = {"both": 0, "one": 0, "none": 0}
+    for episode in range(3):
+        env.set_task({"env_name": "pick-place-v3", "index": episode})
+        obs, _ = env.reset(seed=episode)
+        for _ in range(120):
+            action = np.clip(expert.get_action(obs) + 0.5 * rng.uniform(-1, 1, 4), -1, 1).astype(np.float32)
+            obs = env.step(action)[0]
+            pressing = [_pad_force(inner, pad, object_id) > 0 for pad in pads]
+            expected = type(inner).touching_object(inner, object_id)  # Meta-World's own method
+            assert metaworld_batch._touching_object(inner, pads, object_id) == expected
+            assert expected == all(pressing)
+            kinds[("none", "one", "both")[sum(pressing)]] += 1
+    assert min(kinds.values()) > 0, kinds
+
+
+def _pad_force(inner, pad: int, object_id: int) -> float:
+    """Normal force between one pad and the object: the contacts' efc_force, walked one by one."""
+    data = inner.data
+    return sum(
+        data.efc_force[data.contact.efc_address[c]]
+        for c in range(data.ncon)
+        if {pad, object_id} == {int(data.contact.geom1[c]), int(data.contact.geom2[c])}
+    )
 
 
 def test_ml10_train_batched_step_equals_metaworld():
