@@ -41,8 +41,6 @@ from torch.nn import functional as F
 
 #: Smallest variance of an encoder factor (the paper's code clamps at 1e-7 before the product).
 MIN_FACTOR_VAR = 1e-7
-#: The policy's log standard deviation is clamped to this range (the SAC references' bounds).
-LOG_STD_RANGE = (-20.0, 2.0)
 
 
 def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -114,21 +112,23 @@ def context_of(observations, actions, rewards, next_observations=None) -> torch.
 # ---------------------------------------------------------------------------------------------
 # SAC's networks, conditioned on z
 # ---------------------------------------------------------------------------------------------
-class TanhGaussianActor(nn.Module):
-    """``pi(a | s, z)``: ``a = tanh(u)``, ``u ~ N(mu(s, z), sigma(s, z))``; ReLU MLP, two heads."""
+def actor_params_for_tasks(
+    actor_params: dict[str, torch.Tensor], z: torch.Tensor, obs_dim: int
+) -> dict[str, torch.Tensor]:
+    """Per-task parameters of the actor over observations alone, ``z [N, L]`` folded in.
 
-    def __init__(self, obs_dim: int, latent_dim: int, act_dim: int, hidden: Sequence[int] = (300, 300, 300)) -> None:
-        super().__init__()
-        self.act_dim = act_dim
-        self.trunk = mlp([obs_dim + latent_dim, *hidden])
-        self.trunk.append(nn.ReLU())
-        self.mean = nn.Linear(hidden[-1], act_dim)
-        self.log_std = nn.Linear(hidden[-1], act_dim)
-
-    def forward(self, obs_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mu, log_sigma)`` of the pre-tanh Gaussian, ``[..., act_dim]``."""
-        h = self.trunk(obs_z)
-        return self.mean(h), self.log_std(h).clamp(*LOG_STD_RANGE)
+    The actor's first layer reads ``[s, z]``: ``W [s, z] + b = W_s s + (b + W_z z)``. Its weight
+    becomes ``W_s`` (shared) and its bias ``b + W_z z_n`` per task, so a
+    :class:`~agents.policies.TanhGaussianMLPPolicy` over ``obs_dim`` with these ``[N, ...]``
+    parameters is the actor at each task's ``z``, and the lab's samplers (in-process and Ray
+    workers) run it with ``per_task=True`` like any adapted policy.
+    """
+    n = z.shape[0]
+    out = {name: p.detach().unsqueeze(0).expand(n, *p.shape) for name, p in actor_params.items()}
+    weight, bias = actor_params["layers.0.weight"].detach(), actor_params["layers.0.bias"].detach()
+    out["layers.0.weight"] = weight[:, :obs_dim].unsqueeze(0).expand(n, -1, -1)
+    out["layers.0.bias"] = bias + z.detach() @ weight[:, obs_dim:].T
+    return out
 
 
 def tanh_gaussian_sample(
@@ -179,9 +179,10 @@ def sac_losses(
 
     ``obs, next_obs [T, B, obs_dim]``, ``actions [T, B, act_dim]``, ``rewards, terminals [T, B]``,
     ``z [T, L]`` (with its graph back to the encoder), ``noise [T, B, act_dim]`` (standard normal,
-    the policy's reparameterisation). ``q1, q2, v, v_target, actor`` are callables as
-    :class:`Critic` and :class:`TanhGaussianActor`. Returns ``q``, ``v``, ``policy`` (each a
-    scalar) and, for the log, ``log_pi`` and ``q_target`` means.
+    the policy's reparameterisation). ``q1, q2, v, v_target`` are callables as :class:`Critic`;
+    ``actor(s_z) -> (mu, log_sigma)`` as :meth:`agents.policies.TanhGaussianMLPPolicy.outputs`.
+    Returns ``q``, ``v``, ``policy`` (each a scalar) and, for the log, ``log_pi`` and ``q_target``
+    means.
     """
     t, b = rewards.shape
     z_b = z.unsqueeze(1).expand(t, b, z.shape[-1])

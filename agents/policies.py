@@ -4,6 +4,8 @@
   ``log_std`` vector gives the standard deviation (``Independent(Normal)``, so ``log_prob``
   sums over action dimensions).
 - :class:`CategoricalMLPPolicy`: discrete actions; the MLP gives the logits.
+- :class:`TanhGaussianMLPPolicy`: SAC's squashed Gaussian, ``a = tanh(u)``, ``u ~ N(mu(s),
+  sigma(s))``, the MLP giving both ``mu`` and ``log sigma`` (PEARL's actor).
 
 ``policy(obs, params)`` uses ``params`` (a dict like ``dict(policy.named_parameters())``, e.g.
 an inner-loop adapted dict) instead of the module's own parameters; ``params=None`` uses the
@@ -23,6 +25,7 @@ seed, never on how tasks are grouped into batches or workers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -183,6 +186,61 @@ class CategoricalMLPPolicy(_MLPPolicy):
         cdf = dist.probs.cumsum(-1)
         index = torch.searchsorted(cdf, noise.unsqueeze(-1).to(cdf.dtype)).squeeze(-1)
         return index.clamp(max=cdf.shape[-1] - 1)
+
+
+#: The tanh-Gaussian policy's log standard deviation is clamped to this range (SAC's bounds).
+LOG_STD_RANGE = (-20.0, 2.0)
+
+
+class TanhNormal:
+    """``tanh(u)``, ``u ~ N(loc, exp(log_std))`` per action dimension; ``log_prob`` sums over them."""
+
+    def __init__(self, loc: torch.Tensor, log_std: torch.Tensor) -> None:
+        self.loc, self.log_std = loc, log_std
+
+    def from_noise(self, noise: torch.Tensor, *, deterministic: bool = False) -> torch.Tensor:
+        return torch.tanh(self.loc if deterministic else self.loc + self.log_std.exp() * noise)
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        """``log N(u) - log(1 - tanh(u)^2)`` summed over action dims, ``u = atanh(a)`` (``|a|`` below 1 - 1e-6)."""
+        u = torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6))
+        z = (u - self.loc) * torch.exp(-self.log_std)
+        gaussian = -0.5 * z.pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)
+        return (gaussian - 2.0 * (math.log(2.0) - u - torch.nn.functional.softplus(-2.0 * u))).sum(-1)
+
+
+class TanhGaussianMLPPolicy(_MLPPolicy):
+    """SAC's policy: ``a = tanh(u)``, ``u ~ N(mu(s), sigma(s))``; the MLP's ``2 act_dim`` outputs
+    are ``mu`` and ``log sigma`` (clamped to :data:`LOG_STD_RANGE`)."""
+
+    discrete = False
+
+    def __init__(
+        self, obs_dim: int, act_dim: int, *, hidden: Sequence[int] = (300, 300, 300), activation: str = "relu"
+    ) -> None:
+        super().__init__(obs_dim, 2 * act_dim, hidden=hidden, activation=activation)
+        self.act_dim = act_dim
+
+    def outputs(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """``(mu, log_sigma)`` of the pre-tanh Gaussian, both ``[..., act_dim]``."""
+        params = self.params() if params is None else params
+        out = self._trunk(obs, params)
+        return out[..., : self.act_dim].contiguous(), out[..., self.act_dim :].clamp(*LOG_STD_RANGE)
+
+    @staticmethod
+    def distribution(outputs: tuple[torch.Tensor, ...]) -> TanhNormal:
+        return TanhNormal(*outputs)
+
+    def forward(self, obs: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> TanhNormal:
+        return self.distribution(self.outputs(obs, params))
+
+    def noise(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """Standard normal draws ``[*shape, act_dim]``."""
+        return torch.randn(*shape, self.act_dim, generator=generator)
+
+    @staticmethod
+    def actions_from_noise(dist: TanhNormal, noise: torch.Tensor, *, deterministic: bool = False) -> torch.Tensor:
+        return dist.from_noise(noise, deterministic=deterministic)
 
 
 def make_policy(

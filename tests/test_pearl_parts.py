@@ -10,12 +10,13 @@ import torch
 
 from agents.pearl import (
     ContextEncoder,
-    TanhGaussianActor,
+    actor_params_for_tasks,
     kl_to_standard_normal,
     product_of_gaussians,
     sac_losses,
     tanh_gaussian_sample,
 )
+from agents.policies import TanhGaussianMLPPolicy
 
 LOG_N0 = -0.5 * math.log(2 * math.pi)  # log N(0; 0, 1)
 
@@ -87,11 +88,36 @@ def test_tanh_gaussian_log_density():
 
 
 def test_actor_heads_shapes_and_log_std_bounds():
-    actor = TanhGaussianActor(obs_dim=3, latent_dim=2, act_dim=4, hidden=(8, 8))
-    mean, log_std = actor(torch.randn(5, 7, 5) * 1e4)
+    actor = TanhGaussianMLPPolicy(obs_dim=5, act_dim=4, hidden=(8, 8))
+    mean, log_std = actor.outputs(torch.randn(5, 7, 5) * 1e4)
     assert mean.shape == log_std.shape == (5, 7, 4)
     log_std = log_std.detach()
     assert float(log_std.min()) >= -20.0 and float(log_std.max()) <= 2.0
+
+
+def test_the_samplers_actor_is_the_actor_at_each_tasks_z():
+    """z folded into the first layer's bias: the obs-only policy with per-task parameters acts as the
+    actor over [s, z], and its log-density of an action is SAC's."""
+    torch.manual_seed(1)
+    obs_dim, latent, act_dim = 4, 3, 2
+    actor = TanhGaussianMLPPolicy(obs_dim + latent, act_dim, hidden=(16, 16))
+    for p in actor.parameters():  # nonzero biases, so a dropped bias would show
+        torch.nn.init.normal_(p, std=0.3)
+    structure = TanhGaussianMLPPolicy(obs_dim, act_dim, hidden=(16, 16))
+    z = torch.randn(5, latent)
+    obs = torch.randn(5, 8, obs_dim)  # 5 tasks, 8 states each
+    per_task = actor_params_for_tasks(actor.params(), z, obs_dim)
+    mean, log_std = structure.outputs(obs, per_task)
+    ref_mean, ref_log_std = actor.outputs(torch.cat([obs, z[:, None].expand(5, 8, latent)], -1))
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(log_std, ref_log_std, rtol=1e-5, atol=1e-6)
+    noise = torch.randn(5, 8, act_dim)
+    dist = structure.distribution((mean, log_std))
+    actions = structure.actions_from_noise(dist, noise)
+    expected_actions, expected_log_pi = tanh_gaussian_sample(mean, log_std, noise)
+    torch.testing.assert_close(actions, expected_actions)
+    torch.testing.assert_close(dist.log_prob(actions), expected_log_pi, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(structure.actions_from_noise(dist, noise, deterministic=True), torch.tanh(mean))
 
 
 def _tiny_batch():
