@@ -32,12 +32,19 @@ encoder 200 x 3, Adam 3e-4, gamma 0.99, tau 0.005, reward scale 5, kl_lambda 0.1
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from agents.policies import TanhGaussianMLPPolicy
+from metarl.core.learner import Learner, register
+from metarl.rl.replay import TaskReplayBuffers, Transitions
 
 #: Smallest variance of an encoder factor (the paper's code clamps at 1e-7 before the product).
 MIN_FACTOR_VAR = 1e-7
@@ -203,3 +210,194 @@ def sac_losses(
         "log_pi": log_pi.detach().mean(),
         "q_target": q_target.mean(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent and the learner
+# ---------------------------------------------------------------------------------------------
+class PEARLAgent(nn.Module):
+    """Every network of PEARL: the encoder, the actor over ``[s, z]``, twin Q, V and V's target.
+
+    Args:
+        obs_dim, act_dim: the env's sizes.
+        latent_dim: ``L``.
+        hidden: hidden layers of the actor and the critics.
+        encoder_hidden: hidden layers of the encoder.
+        next_obs_in_context: context transitions ``(s, a, r, s')`` instead of ``(s, a, r)``.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        *,
+        latent_dim: int = 5,
+        hidden: Sequence[int] = (300, 300, 300),
+        encoder_hidden: Sequence[int] = (200, 200, 200),
+        next_obs_in_context: bool = False,
+    ) -> None:
+        super().__init__()
+        self.obs_dim, self.act_dim, self.latent_dim = obs_dim, act_dim, latent_dim
+        self.next_obs_in_context = next_obs_in_context
+        context_dim = obs_dim + act_dim + 1 + (obs_dim if next_obs_in_context else 0)
+        self.encoder = ContextEncoder(context_dim, latent_dim, encoder_hidden)
+        self.actor = TanhGaussianMLPPolicy(obs_dim + latent_dim, act_dim, hidden=hidden)
+        self.q1 = Critic(obs_dim + act_dim + latent_dim, hidden)
+        self.q2 = Critic(obs_dim + act_dim + latent_dim, hidden)
+        self.v = Critic(obs_dim + latent_dim, hidden)
+        self.v_target = copy.deepcopy(self.v).requires_grad_(False)
+
+    def context(self, transitions: Transitions) -> torch.Tensor:
+        """Context rows ``[T, C, context_dim]`` of drawn transitions."""
+        t = transitions
+        return context_of(
+            t.observations, t.actions, t.rewards, t.next_observations if self.next_obs_in_context else None
+        )
+
+    def posterior(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.posterior(context)
+
+
+class ReplayBatch(NamedTuple):
+    """What one PEARL meta-iteration learns from: the buffers of the training tasks and the draws' randomness.
+
+    ``rl``: every transition collected (SAC's data); ``context``: each task's latest collection
+    with ``z`` from the prior or the posterior (the encoder's data); ``rng`` draws the tasks and
+    transitions of each gradient step, ``generator`` the latent and action noise.
+    """
+
+    rl: TaskReplayBuffers
+    context: TaskReplayBuffers
+    rng: np.random.Generator
+    generator: torch.Generator
+
+
+class PEARL(Learner):
+    """PEARL's meta-training: ``gradient_steps`` SAC + encoder updates per iteration from the buffers.
+
+    Each gradient step draws ``meta_batch_size`` training tasks (without replacement), a context of
+    ``context_size`` transitions from each task's context buffer and ``batch_size`` transitions from
+    its RL buffer, then takes the updates of the module docstring: the losses are computed from
+    the same networks, then the encoder and Q networks, V and the actor each take one Adam step,
+    and V's target moves by ``tau``.
+    """
+
+    uses_query = True
+
+    def __init__(
+        self,
+        agent: PEARLAgent,
+        *,
+        lr: float = 3e-4,
+        gamma: float = 0.99,
+        reward_scale: float = 5.0,
+        kl_lambda: float = 0.1,
+        tau: float = 0.005,
+        mean_reg: float = 1e-3,
+        std_reg: float = 1e-3,
+        gradient_steps: int = 2000,
+        meta_batch_size: int = 16,
+        batch_size: int = 256,
+        context_size: int = 100,
+    ) -> None:
+        self.model = agent
+        self.objective = None
+        self.inner_lrs = []
+        self.gamma, self.reward_scale, self.kl_lambda, self.tau = gamma, reward_scale, kl_lambda, tau
+        self.mean_reg, self.std_reg = mean_reg, std_reg
+        self.gradient_steps, self.meta_batch_size = gradient_steps, meta_batch_size
+        self.batch_size, self.context_size = batch_size, context_size
+        self.groups = {
+            "q": [*agent.encoder.parameters(), *agent.q1.parameters(), *agent.q2.parameters()],
+            "v": list(agent.v.parameters()),
+            "policy": list(agent.actor.parameters()),
+        }
+        self.optimizers = {name: torch.optim.Adam(params, lr=lr) for name, params in self.groups.items()}
+
+    def step(self, batch: ReplayBatch, iteration: int) -> dict[str, float]:
+        if batch.rl.num_tasks < self.meta_batch_size:
+            raise ValueError(
+                f"meta_batch_size ({self.meta_batch_size}) is more than the {batch.rl.num_tasks} training tasks"
+            )
+        sums: dict[str, float] = {}
+        for _ in range(self.gradient_steps):
+            tasks = batch.rng.choice(batch.rl.num_tasks, self.meta_batch_size, replace=False)
+            context = batch.context.sample(tasks, self.context_size, batch.rng)
+            transitions = batch.rl.sample(tasks, self.batch_size, batch.rng)
+            for name, value in self.update(context, transitions, batch.generator).items():
+                sums[name] = sums.get(name, 0.0) + value
+        return {f"loss/{k}" if k in ("q", "v", "policy", "kl") else k: v / self.gradient_steps for k, v in sums.items()}
+
+    def update(self, context: Transitions, transitions: Transitions, generator: torch.Generator) -> dict[str, float]:
+        """One gradient step on ``T`` tasks' context ``[T, C, ...]`` and transitions ``[T, B, ...]``."""
+        agent = self.model
+        device = next(agent.parameters()).device
+        context = Transitions(*(x.to(device) for x in context))
+        transitions = Transitions(*(x.to(device) for x in transitions))
+        t, b = transitions.rewards.shape
+        mu, var = agent.posterior(agent.context(context))
+        z_noise = torch.randn(mu.shape, generator=generator).to(device)
+        z = mu + var.sqrt() * z_noise
+        kl = self.kl_lambda * kl_to_standard_normal(mu, var).sum()
+        action_noise = torch.randn((t, b, agent.act_dim), generator=generator).to(device)
+        losses = sac_losses(
+            q1=agent.q1,
+            q2=agent.q2,
+            v=agent.v,
+            v_target=agent.v_target,
+            actor=agent.actor.outputs,
+            obs=transitions.observations,
+            actions=transitions.actions,
+            rewards=transitions.rewards,
+            next_obs=transitions.next_observations,
+            terminals=transitions.terminals,
+            z=z,
+            noise=action_noise,
+            reward_scale=self.reward_scale,
+            gamma=self.gamma,
+            mean_reg=self.mean_reg,
+            std_reg=self.std_reg,
+        )
+        objectives = {"q": losses["q"] + kl, "v": losses["v"], "policy": losses["policy"]}
+        grads = {
+            name: torch.autograd.grad(objectives[name], self.groups[name], retain_graph=name != "policy")
+            for name in ("q", "v", "policy")
+        }
+        for name, group in self.groups.items():
+            for p, g in zip(group, grads[name]):
+                p.grad = g
+            self.optimizers[name].step()
+        with torch.no_grad():
+            for target, source in zip(agent.v_target.parameters(), agent.v.parameters()):
+                target.lerp_(source, self.tau)
+        logged = {**losses, "kl": kl, "z_var": var.mean()}
+        return {
+            name: float(logged[name].detach()) for name in ("q", "v", "policy", "kl", "log_pi", "q_target", "z_var")
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, opt in self.optimizers.items():
+            if name in state:
+                opt.load_state_dict(state[name])
+
+
+@register("pearl", family="rl")
+def build(cfg, model: PEARLAgent, objective) -> PEARL:
+    p = cfg.pearl
+    return PEARL(
+        model,
+        lr=p.lr,
+        gamma=cfg.gamma,
+        reward_scale=p.reward_scale,
+        kl_lambda=p.kl_lambda,
+        tau=p.tau,
+        mean_reg=p.policy_mean_reg,
+        std_reg=p.policy_std_reg,
+        gradient_steps=p.gradient_steps,
+        meta_batch_size=cfg.meta_batch_size,
+        batch_size=p.batch_size,
+        context_size=p.context_size,
+    )

@@ -58,6 +58,10 @@ def experiment_class(cfg: Any) -> type:
         from metarl.runs.fewshot import FewShotExperiment
 
         return FewShotExperiment
+    if cfg.algorithm == "pearl":
+        from metarl.runs.pearl import PEARLExperiment
+
+        return PEARLExperiment
     from metarl.runs.rl import RLExperiment
 
     return RLExperiment

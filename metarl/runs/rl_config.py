@@ -71,6 +71,51 @@ class ProMPConfig(ConfigModel):
     kl_coef: float = option(5e-4, ge=0, doc="ProMP: coefficient of the KL penalty on the inner step.")
 
 
+class PEARLConfig(ConfigModel):
+    latent_dim: int = option(5, ge=1, doc="PEARL: size of the task latent z.")
+    hidden: list[int] = option(
+        default_factory=lambda: [300, 300, 300], ge=1, doc="PEARL: hidden layers of the actor and the critics (ReLU)."
+    )
+    encoder_hidden: list[int] = option(
+        default_factory=lambda: [200, 200, 200], ge=1, doc="PEARL: hidden layers of the context encoder (ReLU)."
+    )
+    next_obs_in_context: bool = option(False, doc="PEARL: context transitions (s, a, r, s') instead of (s, a, r).")
+    train_tasks: int = option(100, ge=1, doc="PEARL: the fixed training tasks, each with its own replay buffers.")
+    initial_steps: int = option(
+        2000, ge=0, doc="PEARL: env steps collected per training task before the first update (z from the prior)."
+    )
+    tasks_per_iteration: int = option(5, ge=1, doc="PEARL: training tasks collected for in each iteration.")
+    prior_steps: int = option(
+        400, ge=0, doc="PEARL: env steps per collected task with z from the prior (RL and context buffers)."
+    )
+    posterior_steps: int = option(
+        0, ge=0, doc="PEARL: env steps per collected task with z from the posterior (RL and context buffers)."
+    )
+    extra_rl_steps: int = option(
+        600,
+        ge=0,
+        doc="PEARL: env steps per collected task with z from the posterior, for the RL buffer only (the first "
+        "episode of each phase uses the prior, as the paper's code).",
+    )
+    gradient_steps: int = option(2000, ge=1, doc="PEARL: gradient steps (meta_batch_size tasks each) per iteration.")
+    batch_size: int = option(256, ge=1, doc="PEARL: RL transitions per task per gradient step.")
+    context_size: int = option(100, ge=1, doc="PEARL: context transitions per task per gradient step.")
+    buffer_capacity: int = option(
+        100_000, ge=1, doc="PEARL: transitions kept per task in each of the two replay buffers (oldest dropped)."
+    )
+    checkpoint_buffers: bool = option(
+        True,
+        doc="PEARL: store the replay buffers in checkpoints (an exact resume; false: smaller checkpoints, a resume "
+        "starts with empty buffers and collects initial_steps again).",
+    )
+    lr: float = option(3e-4, gt=0, doc="PEARL: Adam learning rate of every network.")
+    reward_scale: float = option(5.0, gt=0, doc="PEARL: SAC's reward scale (the inverse entropy weight).")
+    kl_lambda: float = option(0.1, ge=0, doc="PEARL: weight of KL(q(z|c) || N(0, I)), summed over tasks and dims.")
+    tau: float = option(0.005, gt=0, le=1, doc="PEARL: soft-update rate of V's target.")
+    policy_mean_reg: float = option(1e-3, ge=0, doc="PEARL: weight of the actor's mean^2 penalty.")
+    policy_std_reg: float = option(1e-3, ge=0, doc="PEARL: weight of the actor's log-std^2 penalty.")
+
+
 class RayConfig(ConfigModel):
     workers: int = option(0, ge=0, doc="Ray rollout workers, sampler.physics_threads CPUs each (0: sample in-process, no Ray).")
     address: str | None = option(
@@ -145,6 +190,7 @@ class RLConfig(ConfigModel):
     outer: OuterConfig = option(default_factory=OuterConfig, doc="Outer loop (meta-update).")
     ppo: PPOConfig = option(default_factory=PPOConfig, doc="RL^2's PPO.")
     promp: ProMPConfig = option(default_factory=ProMPConfig, doc="ProMP's outer step (its Adam rate: outer.lr).")
+    pearl: PEARLConfig = option(default_factory=PEARLConfig, doc="PEARL: encoder, SAC, replay buffers, collection.")
     sampler: SamplerConfig = option(default_factory=SamplerConfig, doc="Episode sampling (in-process or per worker).")
     ray: RayConfig = option(default_factory=RayConfig, doc="Ray rollout workers (episode sampling).")
     eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
@@ -175,6 +221,19 @@ class RLConfig(ConfigModel):
             )
         if not recurrent_algorithm and self.episodes_per_trial != 1:
             raise field_error("", "episodes_per_trial", f"must be 1 for {self.algorithm} (trials are rl2's)")
+        if self.algorithm == "pearl":
+            if self.action_scale != 1.0:
+                raise field_error(
+                    "", "action_scale", "must be 1 for pearl: its tanh actions in [-1, 1] map onto the env's bounds"
+                )
+            if self.meta_batch_size > self.pearl.train_tasks:
+                raise field_error(
+                    "", "meta_batch_size", f"must be at most pearl.train_tasks ({self.pearl.train_tasks}) for pearl"
+                )
+            if self.pearl.tasks_per_iteration > self.pearl.train_tasks:
+                raise field_error(
+                    "", "pearl.tasks_per_iteration", f"must be at most pearl.train_tasks ({self.pearl.train_tasks})"
+                )
         if self.episodes_per_task % self.episodes_per_trial:
             raise field_error(
                 "",
