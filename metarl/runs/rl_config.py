@@ -146,7 +146,7 @@ class RLConfig(ConfigModel):
     family: str = option(doc="Task family registered as metarl/<family>-v0 (e.g. Navigation2D, HalfCheetahVel).")
     algorithm: str = option(
         doc="Meta-learner: an algorithm registered for the rl family in agents/ (maml_trpo, fomaml, reptile, "
-        "promp, rl2)."
+        "promp, rl2, pearl)."
     )
     num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
     env: dict[str, Any] = option(
