@@ -201,6 +201,14 @@ class TanhNormal:
     def from_noise(self, noise: torch.Tensor, *, deterministic: bool = False) -> torch.Tensor:
         return torch.tanh(self.loc if deterministic else self.loc + self.log_std.exp() * noise)
 
+    @property
+    def mean(self) -> torch.Tensor:
+        """The deterministic action ``tanh(loc)`` (the mode of ``u`` squashed, as SAC acts in evaluation)."""
+        return torch.tanh(self.loc)
+
+    def sample(self) -> torch.Tensor:
+        return self.from_noise(torch.randn_like(self.loc))
+
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
         """``log N(u) - log(1 - tanh(u)^2)`` summed over action dims, ``u = atanh(a)`` (``|a|`` below 1 - 1e-6)."""
         u = torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6))

@@ -12,9 +12,21 @@ import pytest
 import torch
 
 import metarl
-from metarl.app.metaworld_agent import GradientAgent, RecurrentAgent, _episodes_of, score
+from metarl.app.metaworld_agent import GradientAgent, InferenceAgent, RecurrentAgent, _episodes_of, score
 
 ROOT = Path(__file__).resolve().parents[1]
+PEARL_TINY = [
+    "pearl.train_tasks=2",
+    "pearl.initial_steps=20",
+    "pearl.tasks_per_iteration=1",
+    "pearl.prior_steps=20",
+    "pearl.extra_rl_steps=20",
+    "pearl.gradient_steps=2",
+    "pearl.hidden=[8]",
+    "pearl.encoder_hidden=[8]",
+    "pearl.batch_size=4",
+    "pearl.context_size=4",
+]
 TINY = ["num_iterations=1", "meta_batch_size=2", "episodes_per_task=2", "horizon=20", "ray.workers=0", "threads=1"]
 
 
@@ -52,6 +64,7 @@ def test_collected_steps_become_each_sub_envs_episodes():
         ("experiments/metaworld_ml1_reach/promp.yaml", ["promp.steps=1"], GradientAgent),
         ("experiments/metaworld_ml1_reach/rl2.yaml", ["episodes_per_trial=2", "policy.rnn_size=8", "ppo.epochs=1"],
          RecurrentAgent),
+        ("experiments/metaworld_ml1_reach/pearl.yaml", PEARL_TINY, InferenceAgent),
     ],
 )  # fmt: skip
 def test_agents_run_metaworlds_own_evaluation(tmp_path_factory, config, extra, kind):
@@ -77,6 +90,12 @@ def test_agents_run_metaworlds_own_evaluation(tmp_path_factory, config, extra, k
         for name, theta in agent.theta.items():
             assert agent.params[name].shape == (2, *theta.shape)
             assert not torch.equal(agent.params[name][0], agent.params[name][1])
+    elif kind is InferenceAgent:  # each sub-env's z: the posterior mean of its 500 adaptation steps
+        assert [len(c) for c in agent.contexts] == [500, 500]
+        for i in range(2):
+            expected = meta.experiment.posterior_mean(torch.stack(agent.contexts[i]))
+            torch.testing.assert_close(agent.z[i], expected)
+        assert not torch.equal(agent.z[0], agent.z[1])
     else:  # the trial's state ran through adaptation and evaluation
         assert agent.state.shape == (2, 1, 8) and agent.state.abs().max() > 0
     if config.endswith("maml_trpo.yaml"):  # score() is the same protocol with the run's settings

@@ -134,10 +134,46 @@ def test_kill_then_resume_is_identical_to_an_uninterrupted_run(tmp_path):
     assert untimed(rows(run)) == untimed(rows(ref))
 
 
-def test_checkpoint_without_buffers_is_smaller_and_resumes_by_collecting_again(tmp_path):
+@pytest.fixture(scope="module")
+def pearl_run(tmp_path_factory) -> Path:
+    """A tiny PEARL run of 2 iterations on Navigation2D (buffers in the checkpoint)."""
+    base = tmp_path_factory.mktemp("pearl")
+    result = cli("train", write_config(base / "cfg.yaml", iterations=2), "--run-dir", base / "run", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return base / "run"
+
+
+def test_adapt_acts_at_the_posterior_mean_of_its_episodes(pearl_run, tmp_path):
+    import metarl
+
+    meta = metarl.load(pearl_run)
+    task = {"goal": [0.3, -0.2]}
+    adapted = meta.adapt(task, episodes=3)
+    assert len(adapted.returns) == 3 and adapted.kept_step == 2
+    # the same three episodes again, their transitions as context, the posterior mean by hand
+    exp = meta.experiment
+    _, contexts = exp.infer([task], 3, (2, 7, 0), test=True)
+    assert len(contexts[0]) == 30  # 3 episodes of 10 steps
+    with torch.no_grad():
+        mu_i, var_i = exp.agent.encoder.factors(contexts[0][None])
+        precision = (1 / var_i.clamp(min=1e-7)).sum(1)
+        z = ((mu_i / var_i.clamp(min=1e-7)).sum(1) / precision)[0]
+        obs = np.array([0.1, -0.4], dtype=np.float32)
+        mean, _ = exp.agent.actor.outputs(torch.cat([torch.from_numpy(obs), z]))
+    np.testing.assert_allclose(adapted.act(obs), np.tanh(mean.numpy()) * 0.1, rtol=1e-5, atol=1e-7)
+    adapted.save(tmp_path / "adapted")
+    again = metarl.load_adapted(tmp_path / "adapted")
+    np.testing.assert_array_equal(again.act(obs), adapted.act(obs))
+    assert again.returns == adapted.returns
+    result = cli("adapt", pearl_run, "--task", json.dumps(task), "--episodes", "2", "--keep", "best")
+    assert result.returncode == 2 and "--keep best" in result.stderr
+    result = cli("export", "--sb3", tmp_path / "x.zip", pearl_run)
+    assert result.returncode == 2 and "PEARL" in result.stderr and not (tmp_path / "x.zip").exists()
+
+
+def test_checkpoint_without_buffers_is_smaller_and_resumes_by_collecting_again(pearl_run, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", iterations=2)
-    with_buffers, without = tmp_path / "with", tmp_path / "without"
-    assert cli("train", cfg, "--run-dir", with_buffers, "--no-progress").returncode == 0
+    with_buffers, without = pearl_run, tmp_path / "without"
     result = cli("train", cfg, "--run-dir", without, "--no-progress", "pearl.checkpoint_buffers=false")
     assert result.returncode == 0, result.stderr
     assert "replay" not in torch.load(without / "checkpoint.pt", weights_only=True)

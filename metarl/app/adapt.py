@@ -16,6 +16,11 @@ with the state of the first trial after its last episode (``steps`` and ``keep``
 Acting then continues that trial: call ``act(obs)`` for each step and ``observe(reward, done)``
 after it (the recurrent policy reads the previous reward; ``done`` marks the end of an episode).
 
+PEARL runs adapt by inferring the task: ``episodes`` episodes of the task, the first with ``z`` drawn
+from the prior, each later one with ``z`` drawn from the posterior of the transitions so far;
+``returns[i]`` is the return of episode ``i + 1`` and the adapted policy is the actor at the
+posterior mean after all of them (``steps`` and ``keep`` do not apply).
+
 Otherwise adaptation is the run's own inner loop: ``episodes`` episodes of the current policy on the task,
 the linear-baseline advantages, one policy-gradient step with the run's inner learning rate;
 repeated ``steps`` times with fresh episodes, then a last batch of episodes measures the return
@@ -198,6 +203,8 @@ class MetaPolicy(_Acting):
         task = _check_task(self.cfg.env_id, self.cfg.env_kwargs(test=test_split), task)
         if exp.trials:
             return self._adapt_by_trial(task, episodes=episodes, seed=seed, test_split=test_split)
+        if hasattr(exp, "infer"):
+            return self._adapt_by_inference(task, episodes=episodes, seed=seed, test_split=test_split)
         sampler = exp.sampler(test=test_split, episodes=episodes)
         lrs = inner_lrs(self.cfg.inner.lr, steps)
         batch, _ = exp.adapt_and_sample([task], (TEST, ADAPT_SEED_KEY, seed), steps, sampler=sampler, lrs=lrs)
@@ -242,6 +249,24 @@ class MetaPolicy(_Acting):
             action_space=self.action_space,
             kept_step=len(returns) - 1,
             context=context,
+        )
+
+    def _adapt_by_inference(self, task: dict[str, Any], *, episodes: int, seed: int, test_split: bool) -> AdaptedPolicy:
+        """PEARL: ``episodes`` episodes of context (each with ``z`` from the posterior of the ones
+        before); the adapted policy is the actor at the posterior mean of all of them."""
+        exp = self.experiment
+        returns, contexts = exp.infer([task], episodes, (TEST, ADAPT_SEED_KEY, seed), test=test_split)
+        policy = exp.policy_at(exp.posterior_mean(contexts[0]))
+        return AdaptedPolicy(
+            self.policy,
+            {k: v.detach().clone() for k, v in policy.named_parameters()},
+            task=task,
+            returns=[float(r) for r in returns[0]],
+            episodes=episodes,
+            run_dir=self.run_dir,
+            cfg=self.cfg,
+            action_space=self.action_space,
+            kept_step=episodes - 1,
         )
 
 

@@ -247,8 +247,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     else:
         task = meta.task_by_index(args.task_index)
     trial = meta.experiment.trials  # RL^2: adapts by running a trial of --episodes episodes
-    if trial and args.keep != "last":
-        raise ConfigError("--keep best does not apply to RL^2 runs: the adapted policy is the state after the trial")
+    infers = hasattr(meta.experiment, "infer")  # PEARL: adapts by inferring z from --episodes episodes
+    if (trial or infers) and args.keep != "last":
+        raise ConfigError(
+            "--keep best does not apply to RL^2 and PEARL runs: the adapted policy is the one after the episodes"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         adapted = meta.adapt(task, episodes=args.episodes, steps=args.steps, seed=args.seed, keep=args.keep)
@@ -261,6 +264,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         for episode, value in enumerate(adapted.returns, start=1):
             print(f"{episode:>7}  {value:>10.2f}")
         print(f"kept the policy with its state after episode {len(adapted.returns)}")
+    elif infers:
+        print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} from {args.episodes} episodes of context")
+        print(f"{'episode':>7}  {'return':>10}")
+        for episode, value in enumerate(adapted.returns, start=1):
+            print(f"{episode:>7}  {value:>10.2f}")
+        print(f"kept the actor at the posterior mean of z after episode {len(adapted.returns)}")
     else:
         print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} with {args.episodes} episodes per step")
         print(f"{'step':>5}  {'return':>10}")

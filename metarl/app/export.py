@@ -36,7 +36,7 @@ import gymnasium as gym
 import torch
 from torch import nn
 
-from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy
+from agents.policies import CategoricalMLPPolicy, GaussianMLPPolicy, TanhGaussianMLPPolicy
 from metarl.core.atomic import atomic_open
 from metarl.rl.actions import action_affine
 
@@ -100,6 +100,11 @@ def to_sb3(
         raise ValueError(
             "a recurrent (RL^2) policy has no stable-baselines3 PPO equivalent: SB3's PPO takes MLP policies only; "
             "use the run with metarl adapt / metarl.load instead"
+        )
+    if isinstance(policy, TanhGaussianMLPPolicy):
+        raise ValueError(
+            "a PEARL actor (a tanh-squashed Gaussian with a state-dependent std, conditioned on z) has no "
+            "stable-baselines3 PPO equivalent; use the run with metarl adapt / metarl.load instead"
         )
     if not isinstance(policy, (GaussianMLPPolicy, CategoricalMLPPolicy)):
         raise ValueError(f"policy must be a GaussianMLPPolicy or CategoricalMLPPolicy, got {type(policy).__name__}")

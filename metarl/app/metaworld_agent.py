@@ -18,6 +18,10 @@ env holds one task per sub-env. ``metarl.load(run_dir).metaworld_agent()`` gives
   itself, and at the first step of an episode uses the last reward it saw (the wrapper's reset
   observation carries none; the final reward of the episode before is the one input it cannot
   know).
+- :class:`InferenceAgent` for PEARL: each sub-env starts with ``z`` drawn from the prior; its
+  transitions ``(s, a, r)`` collect as context, and at the end of each adaptation episode its ``z``
+  is drawn again from the posterior of all of them (the paper's online inference); ``adapt()`` sets
+  ``z`` to the posterior mean, with which evaluation acts deterministically (``tanh`` of the mean).
 
 :func:`score` builds Meta-World's vector env of a run's benchmark and split and returns what
 ``metalearning_evaluation`` returns.
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.pearl import actor_params_for_tasks
 from metarl.core.functional import inner_lrs
 from metarl.rl.actions import ActionMap
 from metarl.rl.advantages import compute_advantages
@@ -217,11 +222,80 @@ class RecurrentAgent(_Agent):
             self.done[torch.from_numpy(np.asarray(env_mask, dtype=bool))] = 1.0
 
 
-def agent_of(meta: Any, *, seed: int = 0) -> GradientAgent | RecurrentAgent:
+class InferenceAgent(_Agent):
+    """PEARL agent: ``z`` inferred from each sub-env's transitions (see the module docstring)."""
+
+    def init(self) -> None:
+        self.z: torch.Tensor | None = None
+        self.contexts: list[list[torch.Tensor]] = []
+
+    def _start(self, n: int) -> None:
+        exp = self.meta.experiment
+        if exp.agent.next_obs_in_context:
+            raise ValueError("the Meta-World agent of PEARL needs (s, a, r) context: pearl.next_obs_in_context is true")
+        self.z = torch.randn(n, exp.agent.latent_dim, generator=self.generator)
+        self.contexts = [[] for _ in range(n)]
+
+    @torch.no_grad()
+    def _dist(self, observations: np.ndarray):
+        observations = np.asarray(observations)
+        if self.z is None:
+            self._start(len(observations))
+        exp = self.meta.experiment
+        actor = {k: v.detach().cpu() for k, v in exp.agent.actor.params().items()}
+        params = actor_params_for_tasks(actor, self.z, exp.obs_dim)
+        obs = torch.as_tensor(observations[:, :OBS_DIM], dtype=torch.float32)
+        return self.policy(obs.unsqueeze(1), params)  # [N, 1, ...]
+
+    def adapt_action(self, observations: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        dist = self._dist(observations)
+        actions = dist.from_noise(torch.randn(dist.loc.shape, generator=self.generator))[:, 0]
+        return self._env_actions(actions), {"policy_actions": actions.numpy()}
+
+    def _posterior(self, i: int, *, mean: bool) -> torch.Tensor:
+        exp = self.meta.experiment
+        context = torch.stack(self.contexts[i]) if self.contexts[i] else None
+        if mean:
+            return exp.posterior_mean(context)
+        return exp.latents([context], self.generator)[0]
+
+    def step(self, timestep: Any) -> None:
+        obs = torch.as_tensor(np.asarray(timestep.observation)[:, :OBS_DIM], dtype=torch.float32)
+        actions = torch.as_tensor(np.asarray(timestep.aux_policy_outputs["policy_actions"]), dtype=torch.float32)
+        rewards = torch.as_tensor(np.asarray(timestep.reward), dtype=torch.float32).view(-1, 1)
+        rows = torch.cat([obs, actions, rewards], dim=1)
+        for i, row in enumerate(rows):
+            self.contexts[i].append(row)
+        ended = np.flatnonzero(np.logical_or(timestep.terminated, timestep.truncated))
+        for i in ended:
+            self.z[i] = self._posterior(int(i), mean=False)
+
+    def adapt(self) -> None:
+        for i in range(len(self.contexts)):
+            self.z[i] = self._posterior(i, mean=True)
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        return self._env_actions(self._dist(observations).mean[:, 0])
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        pass  # z stays what adaptation inferred
+
+
+def default_adaptation_steps(meta: Any) -> int:
+    """Meta-World's ``adaptation_steps`` for a run: its inner steps; 1 for RL^2 and PEARL (one batch
+    of adaptation episodes, the adapting done online)."""
+    exp = meta.experiment
+    return 1 if exp.trials or hasattr(exp, "infer") else meta.cfg.inner.steps
+
+
+def agent_of(meta: Any, *, seed: int = 0) -> GradientAgent | RecurrentAgent | InferenceAgent:
     """The Meta-World agent of a loaded run (:func:`metarl.app.adapt.load`)."""
     if not meta.cfg.family.startswith("MetaWorld"):
         raise ValueError(f"metaworld_agent() needs a Meta-World run; this run's family is {meta.cfg.family}")
-    agent = RecurrentAgent(meta, seed=seed) if meta.experiment.trials else GradientAgent(meta, seed=seed)
+    if hasattr(meta.experiment, "infer"):
+        agent: _Agent = InferenceAgent(meta, seed=seed)
+    else:
+        agent = RecurrentAgent(meta, seed=seed) if meta.experiment.trials else GradientAgent(meta, seed=seed)
     agent.init()
     return agent
 
@@ -267,7 +341,7 @@ def evaluate_splits(
 
     from metarl.runs.experiment import mean_and_ci95
 
-    steps = 1 if meta.experiment.trials else meta.cfg.inner.steps
+    steps = default_adaptation_steps(meta)
     settings = {
         "protocol": "metaworld.evaluation.metalearning_evaluation",
         "num_evals": num_evals,
@@ -337,7 +411,7 @@ def score(
     from metaworld.evaluation import metalearning_evaluation
 
     agent = agent_of(meta, seed=seed)
-    steps = adaptation_steps or (1 if meta.experiment.trials else meta.cfg.inner.steps)
+    steps = adaptation_steps or default_adaptation_steps(meta)
     envs = make_eval_envs(meta.cfg, split=split, meta_batch_size=meta_batch_size)
     try:
         return metalearning_evaluation(

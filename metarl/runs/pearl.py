@@ -204,25 +204,51 @@ class PEARLExperiment(RLExperiment):
         mean = self.curve(VAL, 0, self.cfg.eval.val_tasks, steps=self.cfg.eval.steps).mean(0)
         return {"val/return_pre_adapt": float(mean[0]), "val/return_post_adapt": float(mean[-1])}
 
-    # -- evaluation --------------------------------------------------------------------------
-    def curve(self, split: int, key: int, num_tasks: int, *, steps: int) -> np.ndarray:
-        """Return of episode ``k + 1`` of each task after ``k = 0..steps`` episodes of context.
+    # -- adaptation and evaluation ----------------------------------------------------------
+    @property
+    def policy(self) -> TanhGaussianMLPPolicy:
+        """The actor at the prior's mean ``z = 0``, as a policy over observations (the meta-policy
+        before any context; :func:`metarl.load`)."""
+        return self.policy_at(torch.zeros(self.agent.latent_dim))
 
-        ``[num_tasks, steps + 1]``; episode 1 acts with ``z`` from the prior, episode ``k + 1`` with
-        ``z`` drawn from the posterior of every transition of the ``k`` episodes before.
-        """
-        tasks = self.sample_tasks(split, key, num_tasks)
-        rng = split_rng(self.cfg.seed, split, key)
+    def policy_at(self, z: torch.Tensor) -> TanhGaussianMLPPolicy:
+        """The actor at one ``z [L]`` as a :class:`TanhGaussianMLPPolicy` over observations."""
+        actor = {k: v.detach().cpu() for k, v in self.agent.actor.params().items()}
+        params = actor_params_for_tasks(actor, z.view(1, -1).cpu(), self.obs_dim)
+        policy = TanhGaussianMLPPolicy(self.obs_dim, self.agent.act_dim, hidden=self.cfg.pearl.hidden)
+        policy.load_state_dict({k: v[0] for k, v in params.items()})
+        return policy
+
+    def posterior_mean(self, context: torch.Tensor | None) -> torch.Tensor:
+        """The mean of ``q(z | context)`` (``[C, context_dim]``; None: the prior's, 0): ``[L]``."""
+        if context is None or len(context) == 0:
+            return torch.zeros(self.agent.latent_dim)
+        with torch.no_grad():
+            return self.agent.posterior(context.to(self.device)[None])[0][0].cpu()
+
+    def infer(
+        self, tasks: list[dict], episodes: int, keys: tuple[int, ...], *, test: bool
+    ) -> tuple[np.ndarray, list[torch.Tensor | None]]:
+        """``episodes`` episodes of each task, one after the other: episode 1 with ``z`` from the
+        prior, episode ``k + 1`` with ``z`` drawn from the posterior of every transition of the ``k``
+        before. Returns each episode's return ``[N, episodes]`` and each task's context (all of them)."""
+        split = keys[0]
+        rng = split_rng(self.cfg.seed, *keys)
         generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
-        contexts: list[torch.Tensor | None] = [None] * num_tasks
+        contexts: list[torch.Tensor | None] = [None] * len(tasks)
         columns = []
-        for k in range(steps + 1):
+        for k in range(episodes):
             z = self.latents(contexts, generator)
-            episodes = self.sample_with(
-                tasks, z, task_seeds(self.cfg.seed, split, key, k, n=num_tasks), test=split == TEST
-            )
-            columns.append(episodes.returns_per_episode()[:, 0].numpy())
-            for n in range(num_tasks):
-                new = self.episode_context(episodes, n)
+            seeds = task_seeds(self.cfg.seed, split, *keys[1:], k, n=len(tasks))
+            data = self.sample_with(tasks, z, seeds, test=test)
+            columns.append(data.returns_per_episode()[:, 0].numpy())
+            for n in range(len(tasks)):
+                new = self.episode_context(data, n)
                 contexts[n] = new if contexts[n] is None else torch.cat([contexts[n], new])
-        return np.stack(columns, 1)
+        return np.stack(columns, 1), contexts
+
+    def curve(self, split: int, key: int, num_tasks: int, *, steps: int) -> np.ndarray:
+        """Return of episode ``k + 1`` of each task after ``k = 0..steps`` episodes of context
+        (:meth:`infer`): ``[num_tasks, steps + 1]``."""
+        tasks = self.sample_tasks(split, key, num_tasks)
+        return self.infer(tasks, steps + 1, (split, key), test=split == TEST)[0]
