@@ -96,8 +96,12 @@ class Experiment:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self, iteration: int) -> dict[str, Any]:
-        return {"iteration": iteration, "model": self.model.state_dict(), "learner": self.learner.state_dict(),
-                **self.extra_state()}
+        return {
+            "iteration": iteration,
+            "model": self.model.state_dict(),
+            "learner": self.learner.state_dict(),
+            **self.extra_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
         """Load a checkpoint's state; returns its iteration."""
@@ -125,12 +129,20 @@ class Experiment:
         """
         cfg = self.cfg
         logger = MetricsLogger(run_dir, start=start)
-        bar = tqdm(total=cfg.num_iterations, initial=start, disable=not progress, desc=f"{cfg.family}/{cfg.algorithm}",
-                   unit="it")
+        bar = tqdm(
+            total=cfg.num_iterations,
+            initial=start,
+            disable=not progress,
+            desc=f"{cfg.family}/{cfg.algorithm}",
+            unit="it",
+        )
         try:
             for it in range(start, cfg.num_iterations):
-                StopRequest.check(save=(lambda: save_checkpoint(self.state_dict(it), run_dir / CHECKPOINT))
-                                  if it > start else None)  # nothing new to keep before the first iteration
+
+                def keep(it: int = it) -> None:
+                    save_checkpoint(self.state_dict(it), run_dir / CHECKPOINT)
+
+                StopRequest.check(save=keep if it > start else None)  # nothing new to keep before the first
                 t0 = time.perf_counter()
                 row: dict[str, Any] = {"iteration": it, **self.train_iteration(it)}
                 if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or it + 1 == cfg.num_iterations):

@@ -75,7 +75,8 @@ class EvalConfig(ConfigModel):
 class FewShotConfig(ConfigModel):
     family: Literal["sinusoid", "omniglot"] = option(doc="Task family.")
     algorithm: str = option(
-        doc="Meta-learner: an algorithm registered for the fewshot family in agents/ (maml, fomaml, reptile; pretrain: the multi-task baseline)."
+        doc="Meta-learner: an algorithm registered for the fewshot family in agents/ (maml, fomaml, reptile; "
+        "pretrain: the multi-task baseline)."
     )
     num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
     seed: int = option(0, ge=0, doc="Run seed: model init, task sampling of every iteration.")

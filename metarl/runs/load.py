@@ -48,7 +48,9 @@ def load_run_config(run_dir: str | Path) -> Any:
     """The resolved config of a run directory; one-line errors for a missing directory or config."""
     run_dir = require_run_dir(run_dir)
     if not (run_dir / CONFIG).is_file():
-        raise RunError(f"{run_dir} is not a metarl run directory (no {CONFIG}); pass the directory given by `metarl train`")
+        raise RunError(
+            f"{run_dir} is not a metarl run directory (no {CONFIG}); pass the directory given by `metarl train`"
+        )
     return load_experiment_config(run_dir / CONFIG)
 
 

@@ -223,7 +223,10 @@ class RLExperiment(Experiment):
         if valid.episodes.success is not None:  # Meta-World
             if self.trials:
                 success = self.per_trial_episode(valid.episodes.success)
-                row["success/pre_adapt"], row["success/post_adapt"] = float(success[:, 0].mean()), float(success[:, -1].mean())
+                row["success/pre_adapt"], row["success/post_adapt"] = (
+                    float(success[:, 0].mean()),
+                    float(success[:, -1].mean()),
+                )
             else:
                 row["success/pre_adapt"] = float(train[0].episodes.success.mean())
                 row["success/post_adapt"] = float(valid.episodes.success.mean())

@@ -117,7 +117,9 @@ class PEARLConfig(ConfigModel):
 
 
 class RayConfig(ConfigModel):
-    workers: int = option(0, ge=0, doc="Ray rollout workers, sampler.physics_threads CPUs each (0: sample in-process, no Ray).")
+    workers: int = option(
+        0, ge=0, doc="Ray rollout workers, sampler.physics_threads CPUs each (0: sample in-process, no Ray)."
+    )
     address: str | None = option(
         None, doc="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); null: RAY_ADDRESS, else a new local Ray."
     )
@@ -214,10 +216,14 @@ class RLConfig(ConfigModel):
         if recurrent_algorithm and self.policy.recurrent is None:
             raise field_error("", "policy.recurrent", "rl2 needs a recurrent policy: gru or lstm")
         if not recurrent_algorithm and self.policy.recurrent is not None:
-            raise field_error("", "policy.recurrent", f"must be null for {self.algorithm} (a recurrent policy is rl2's)")
+            raise field_error(
+                "", "policy.recurrent", f"must be null for {self.algorithm} (a recurrent policy is rl2's)"
+            )
         if recurrent_algorithm and self.eval.episodes_per_task is not None:
             raise field_error(
-                "", "eval.episodes_per_task", "must be null for rl2: it evaluates trials (as many per task as in training)"
+                "",
+                "eval.episodes_per_task",
+                "must be null for rl2: it evaluates trials (as many per task as in training)",
             )
         if not recurrent_algorithm and self.episodes_per_trial != 1:
             raise field_error("", "episodes_per_trial", f"must be 1 for {self.algorithm} (trials are rl2's)")

@@ -14,6 +14,7 @@ failures into one-line :class:`RunWriteError` messages naming the path and the c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -78,16 +79,23 @@ def writing(path: str | os.PathLike, *, note: str = "") -> Iterator[None]:
         raise
     except OSError as exc:
         cause = _CAUSES.get(exc.errno) or (exc.strerror or _first_line(exc)).lower()
-        where = exc.filename if exc.filename and Path(exc.filename).name[:1] != "." and \
-            os.fspath(exc.filename) != os.fspath(path) else None
-        err = RunWriteError(f"cannot write {path}: {cause}" + (f" ({where})" if where else "") + (f"; {note}" if note else ""))
+        where = (
+            exc.filename
+            if exc.filename and Path(exc.filename).name[:1] != "." and os.fspath(exc.filename) != os.fspath(path)
+            else None
+        )
+        err = RunWriteError(
+            f"cannot write {path}: {cause}" + (f" ({where})" if where else "") + (f"; {note}" if note else "")
+        )
         err.errno = exc.errno
         raise err from exc
     except RuntimeError as exc:
         if not _torch_write_failure(exc):
             raise
-        err = RunWriteError(f"cannot write {path}: the write stopped short, most likely no space left on device "
-                            f"(torch: {_first_line(exc)})" + (f"; {note}" if note else ""))
+        err = RunWriteError(
+            f"cannot write {path}: the write stopped short, most likely no space left on device "
+            f"(torch: {_first_line(exc)})" + (f"; {note}" if note else "")
+        )
         err.errno = errno.ENOSPC
         raise err from exc
 
@@ -141,18 +149,18 @@ def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
                 raise RunWriteError(f"cannot lock {path}: {exc.strerror or exc}") from None
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
             who = f" (pid {holder[0]}{' on ' + holder[1] if len(holder) > 1 else ''})" if holder else ""
-            raise RunError(f"run directory {run_dir} is in use by another metarl process{who}: one `metarl train` "
-                           f"writes a run at a time; wait for it to end or stop it (lock: {path})") from None
+            raise RunError(
+                f"run directory {run_dir} is in use by another metarl process{who}: one `metarl train` "
+                f"writes a run at a time; wait for it to end or stop it (lock: {path})"
+            ) from None
         with writing(path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         try:
             yield path
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)  # a free lock names no holder
-            except OSError:
-                pass
     finally:
         os.close(fd)  # releases the lock
 
@@ -184,8 +192,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt or foreign file; torch's own text spans lines and suggests unsafe loading
-        raise RunError(f"checkpoint {path} cannot be read ({type(exc).__name__}): it is damaged or not a metarl checkpoint; "
-                       "delete it to restart the run, or restore a good copy") from None
+        raise RunError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}): it is damaged or not a metarl checkpoint; "
+            "delete it to restart the run, or restore a good copy"
+        ) from None
     if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
         raise RunError(f"checkpoint {path} is not a metarl checkpoint (expected keys 'iteration' and 'model')")
     return state
@@ -202,8 +212,9 @@ def restore_checkpoint(path: str | os.PathLike, apply, *, map_location: str | to
         apply(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2]) or type(exc).__name__
-        raise RunError(f"checkpoint {path} does not fit the run's config.yaml ({detail}); "
-                       "was config.yaml edited after training?") from None
+        raise RunError(
+            f"checkpoint {path} does not fit the run's config.yaml ({detail}); was config.yaml edited after training?"
+        ) from None
     return state
 
 
@@ -269,8 +280,10 @@ def _parse_metrics(path: Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
             if number == len(lines):
                 break
-            raise RunError(f"{path} line {number} is not a metrics row (a JSON object with an 'iteration'); "
-                           "the file was edited or damaged")
+            raise RunError(
+                f"{path} line {number} is not a metrics row (a JSON object with an 'iteration'); "
+                "the file was edited or damaged"
+            )
         rows.append(row)
     return rows
 
