@@ -133,6 +133,22 @@ def test_curve_of_joins_sparse_keys_and_smooths_std():
     assert curve_of(rows, "return/post_adapt") is None
     x, _, _ = curve_of([{"a": 1.0}, {"a": 2.0}], "a")  # no iteration column: the row index
     np.testing.assert_array_equal(x, [0, 1])
+    # another x column: its values, rows without it left out
+    steps = [{"iteration": 0, "env_steps": 100, "a": 1.0}, {"iteration": 1, "a": 2.0}, {"env_steps": 350, "a": 3.0}]
+    x, y, _ = curve_of(steps, "a", x="env_steps")
+    np.testing.assert_array_equal(x, [100, 350])
+    np.testing.assert_array_equal(y, [1.0, 3.0])
+
+
+def test_plot_runs_by_env_steps_needs_the_column_in_every_run(tmp_path):
+    with_steps = _write_run(
+        tmp_path, "pearl", [{"iteration": i, "env_steps": 1000 * i, "return/post_adapt": i} for i in range(3)]
+    )
+    without = _write_run(tmp_path, "old", [{"iteration": i, "return/post_adapt": i} for i in range(3)])
+    assert plot_runs([with_steps], tmp_path / "a.png", x="env_steps") == ["return/post_adapt"]
+    assert (tmp_path / "a.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="'env_steps' is not logged by"):
+        plot_runs([with_steps, without], tmp_path / "b.png", x="env_steps")
 
 
 # ------------------------------------------------------------------------------------------

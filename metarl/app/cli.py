@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--smooth", type=int, default=1, help="moving-average window (default 1: none)")
     pl.add_argument(
+        "--x",
+        default="iteration",
+        help="x axis: iteration (default) or a logged column, e.g. env_steps to compare methods by their data",
+    )
+    pl.add_argument(
         "--evaluations",
         action="store_true",
         help="instead: each run's evaluation (eval_baselines.json, else eval.json) against the episodes of "

@@ -1,7 +1,8 @@
 """Learning curves and adaptation curves as PNG files (matplotlib, Agg, no display needed).
 
-- :func:`plot_runs`: one subplot per metric key, one line per run directory, x = iteration,
-  read from each run's ``metrics.jsonl``; a ``<key>_std`` column, when logged, is drawn as a
+- :func:`plot_runs`: one subplot per metric key, one line per run directory, x = iteration (or
+  another logged column such as ``env_steps``, to compare methods by the data they used), read
+  from each run's ``metrics.jsonl``; a ``<key>_std`` column, when logged, is drawn as a
   shaded mean +- std band. A key logged only every few iterations (validation) is drawn through
   the iterations that log it.
 - :func:`plot_adaptation`: an evaluation result (metric by number of adaptation steps, with
@@ -70,23 +71,27 @@ def default_keys(rows_by_run: Sequence[Sequence[Mapping[str, Any]]]) -> list[str
 
 
 def curve_of(
-    rows: Sequence[Mapping[str, Any]], key: str, *, smooth: int = 1
+    rows: Sequence[Mapping[str, Any]], key: str, *, smooth: int = 1, x: str = "iteration"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """One run's curve for ``key``: ``(x, y, std)``, each ``[points]``, or None if never logged.
 
     Only the rows that log ``key`` count (a key logged every k iterations gives one joined
-    line); x is their ``iteration`` (the row index where a row has none); y and the
+    line); x is their ``iteration`` (the row index where a row has none), or with another ``x``
+    that column's value (rows without it are left out); y and the
     ``<key>_std`` band (None when no such row logs it) are smoothed with :func:`moving_average`.
     """
-    logged = [(row.get("iteration", i), row) for i, row in enumerate(rows) if row.get(key) is not None]
+    if x == "iteration":
+        logged = [(row.get("iteration", i), row) for i, row in enumerate(rows) if row.get(key) is not None]
+    else:
+        logged = [(row[x], row) for row in rows if row.get(key) is not None and row.get(x) is not None]
     if not logged:
         return None
-    x = np.array([it for it, _ in logged], dtype=np.float64)
+    xs = np.array([at for at, _ in logged], dtype=np.float64)
     y = moving_average([row[key] for _, row in logged], smooth)
     std = None
     if any(row.get(key + STD_SUFFIX) is not None for _, row in logged):
         std = moving_average([row.get(key + STD_SUFFIX) for _, row in logged], smooth)
-    return x, y, std
+    return xs, y, std
 
 
 def plot_runs(
@@ -95,6 +100,7 @@ def plot_runs(
     *,
     keys: Sequence[str] | None = None,
     smooth: int = 1,
+    x: str = "iteration",
 ) -> list[str]:
     """Draw the learning curves of ``run_dirs`` into the PNG ``out``; return the keys drawn.
 
@@ -109,6 +115,8 @@ def plot_runs(
             each key (a key logged every k iterations is averaged over its last ``smooth``
             values), applied to the curves and to their ``<key>_std`` bands; 1 draws the raw
             values.
+        x: the column on the x axis: ``iteration``, or one every run logs (``env_steps``:
+            methods compared by the env steps they learned from).
 
     Raises:
         ValueError: no run dirs; a run dir without ``metrics.jsonl`` or without rows; a key
@@ -138,19 +146,23 @@ def plot_runs(
                 f"key(s) {missing} are logged by none of the runs {[str(d) for d in dirs]}; available keys: {available}"
             )
 
+    if x != "iteration":
+        without = [str(d) for d, rows in zip(dirs, rows_by_run) if not any(row.get(x) is not None for row in rows)]
+        if without:
+            raise ValueError(f"x column {x!r} is not logged by {without}; available columns: {available}")
     labels = _labels(dirs)
     fig, axes = _grid(len(keys))
     for ax, key in zip(axes, keys):
         for rows, label in zip(rows_by_run, labels):
-            curve = curve_of(rows, key, smooth=smooth)
+            curve = curve_of(rows, key, smooth=smooth, x=x)
             if curve is None:
                 continue
-            x, y, std = curve
-            (line,) = ax.plot(x, y, label=label, linewidth=1.2, marker="o" if len(x) == 1 else None)
+            xs, y, std = curve
+            (line,) = ax.plot(xs, y, label=label, linewidth=1.2, marker="o" if len(xs) == 1 else None)
             if std is not None:
-                ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.2, linewidth=0)
+                ax.fill_between(xs, y - std, y + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(key + (f" (moving average, {smooth})" if smooth > 1 else ""), fontsize=10)
-        ax.set_xlabel("iteration")
+        ax.set_xlabel(x.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, out)
