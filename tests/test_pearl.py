@@ -202,3 +202,33 @@ def test_bad_pearl_config_is_one_line_exit_2(tmp_path, override, named):
     assert result.returncode == 2
     assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_ray_workers_collect_the_same_run_and_a_lost_worker_loses_nothing(pearl_run, tmp_path):
+    """PEARL's collection through 2 Ray workers: the same buffers, updates and metrics as in-process
+    sampling; worker 0 is SIGKILLed after the first iteration, replaced, and its share re-sampled."""
+    import os
+    import signal
+
+    cfg = load_experiment_config(write_config(tmp_path / "cfg.yaml", iterations=2), ["ray.workers=2"])
+    exp = make_experiment(cfg)
+    try:
+        first = exp.train_iteration(0)
+        sampler = exp.sampler(episodes=1)
+        victim = sampler.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        second = exp.train_iteration(1)
+        assert [e["worker"] for e in exp.events] == [0] and victim not in sampler.worker_pids()
+        state = exp.state_dict(2)
+    finally:
+        exp.close()
+    reference = torch.load(pearl_run / "checkpoint.pt", weights_only=True)
+    assert untimed([first, second]) == [
+        {k: v for k, v in r.items() if k != "iteration"} for r in untimed(rows(pearl_run))
+    ]
+    for k in reference["model"]:
+        assert torch.equal(state["model"][k], reference["model"][k]), k
+    for kind in ("rl", "context"):
+        assert torch.equal(state["replay"][kind]["sizes"], reference["replay"][kind]["sizes"])
+        for x, y in zip(state["replay"][kind]["observations"], reference["replay"][kind]["observations"]):
+            assert torch.equal(x, y)
