@@ -258,18 +258,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     for w in caught:
         if "training range" in str(w.message):
             print(f"metarl: warning: {w.message}", file=sys.stderr)
-    if trial:
-        print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} by a trial of {args.episodes} episodes")
+    if trial or infers:  # one return per episode of experience
+        how = f"by a trial of {args.episodes} episodes" if trial else f"from {args.episodes} episodes of context"
+        print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} {how}")
         print(f"{'episode':>7}  {'return':>10}")
         for episode, value in enumerate(adapted.returns, start=1):
             print(f"{episode:>7}  {value:>10.2f}")
-        print(f"kept the policy with its state after episode {len(adapted.returns)}")
-    elif infers:
-        print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} from {args.episodes} episodes of context")
-        print(f"{'episode':>7}  {'return':>10}")
-        for episode, value in enumerate(adapted.returns, start=1):
-            print(f"{episode:>7}  {value:>10.2f}")
-        print(f"kept the actor at the posterior mean of z after episode {len(adapted.returns)}")
+        kept = "the policy with its state" if trial else "the actor at the posterior mean of z"
+        print(f"kept {kept} after episode {len(adapted.returns)}")
     else:
         print(f"{args.run_dir}: adapted to {json.dumps(adapted.task)} with {args.episodes} episodes per step")
         print(f"{'step':>5}  {'return':>10}")
