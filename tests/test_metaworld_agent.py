@@ -131,3 +131,28 @@ def test_cli_evaluate_metaworld_writes_success_rates_per_split(tmp_path_factory)
     nav = _train(tmp_path_factory, "experiments/navigation2d/maml_trpo.yaml", "policy.hidden=[8]")
     result = subprocess.run([*cmd[:4], str(nav), "--metaworld"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "--metaworld scores Meta-World runs" in result.stderr
+
+
+def test_eval_env_settings_deal_each_class_goals_evenly():
+    from types import SimpleNamespace
+
+    from metarl.app.metaworld_agent import eval_env_settings, make_eval_envs
+
+    ml1 = SimpleNamespace(env={"task_name": "reach-v3"}, policy=SimpleNamespace(recurrent=None))
+    ml10 = SimpleNamespace(env={"benchmark": "ML10"}, policy=SimpleNamespace(recurrent=None))
+    # ML1's default 20 sub-envs share 40 of its 50 goals, 2 each (Meta-World's own assumption)
+    assert eval_env_settings(ml1) == {"meta_batch_size": 20, "total_tasks_per_cls": 40}
+    assert eval_env_settings(ml1, meta_batch_size=2) == {"meta_batch_size": 2, "total_tasks_per_cls": 50}
+    assert eval_env_settings(ml1, meta_batch_size=3)["total_tasks_per_cls"] == 48
+    assert eval_env_settings(ml10, split="train") == {"meta_batch_size": 50, "total_tasks_per_cls": 50}
+    assert eval_env_settings(ml10, split="test") == {"meta_batch_size": 25, "total_tasks_per_cls": 50}
+    with pytest.raises(ValueError, match="multiple of the 10 classes"):
+        eval_env_settings(ml10, split="train", meta_batch_size=15)
+    with pytest.raises(ValueError, match="at most 50"):
+        eval_env_settings(ml1, meta_batch_size=60)
+    for split in ("train", "test"):  # the defaults build (20 sub-envs of ML1 failed Meta-World's check before)
+        envs = make_eval_envs(ml1, split=split)
+        try:
+            assert envs.num_envs == 20
+        finally:
+            envs.close()

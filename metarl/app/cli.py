@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--meta-batch-size",
         type=int,
         help="--metaworld: sub-envs (tasks) per round, a multiple of the split's classes (default: 20 for ML1, "
-        "5 per class otherwise)",
+        "5 per class otherwise; each class's goals are dealt out evenly among its sub-envs, 40 of ML1's 50 for 20)",
     )
     ev.set_defaults(func=cmd_evaluate)
 

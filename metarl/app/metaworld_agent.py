@@ -300,12 +300,37 @@ def agent_of(meta: Any, *, seed: int = 0) -> GradientAgent | RecurrentAgent | In
     return agent
 
 
-def make_eval_envs(cfg: Any, *, split: str = "test", meta_batch_size: int | None = None, seed: int | None = None):
-    """Meta-World's own vector env of a run's benchmark (ML1 task or ML10/ML45) and split.
+#: Goals of every Meta-World 3 class in each split (ML1, ML10 and ML45 alike).
+GOALS_PER_CLASS = 50
 
-    One sub-env per task slot (``meta_batch_size``, a multiple of the split's classes), the goals
-    of ``metaworld.ML1/ML10/ML45(seed)`` (default: the run's ``env.seed``, 0), Meta-World's horizon.
-    RL^2 runs get the previous action and reward in the observation (see the module docstring)."""
+
+def eval_env_settings(cfg: Any, *, split: str = "test", meta_batch_size: int | None = None) -> dict[str, Any]:
+    """The sub-envs of Meta-World's vector env for a run's benchmark and split.
+
+    ``meta_batch_size`` sub-envs (default 20 for ML1, 5 per class otherwise; a multiple of the
+    split's classes), each class's goals dealt out among its sub-envs: Meta-World deals
+    ``total_tasks_per_cls`` goals per class and needs each sub-env to get as many, so it is the
+    largest multiple of the sub-envs per class up to the class's 50 goals (40 for ML1's 20
+    sub-envs, the setting ``metalearning_evaluation``'s own comment assumes). A size the classes do
+    not divide raises ValueError naming the valid ones.
+    """
+    benchmark = cfg.env.get("benchmark", "ML1")
+    classes = 1 if benchmark == "ML1" else 5 if split == "test" else (10 if benchmark == "ML10" else 45)
+    size = meta_batch_size or (20 if benchmark == "ML1" else 5 * classes)
+    if size < classes or size % classes or size // classes > GOALS_PER_CLASS:
+        raise ValueError(
+            f"--meta-batch-size must be a multiple of the {classes} classes of {benchmark}'s {split} split, at most "
+            f"{classes * GOALS_PER_CLASS}, got {size}"
+        )
+    per_class = size // classes
+    return {"meta_batch_size": size, "total_tasks_per_cls": GOALS_PER_CLASS - GOALS_PER_CLASS % per_class}
+
+
+def make_eval_envs(cfg: Any, *, split: str = "test", meta_batch_size: int | None = None, seed: int | None = None):
+    """Meta-World's own vector env of a run's benchmark (ML1 task or ML10/ML45) and split
+    (:func:`eval_env_settings`), the goals of ``metaworld.ML1/ML10/ML45(seed)`` (default: the
+    run's ``env.seed``, 0), Meta-World's horizon. RL^2 runs get the previous action and reward in
+    the observation (see the module docstring)."""
     import gymnasium as gym
     import metaworld  # noqa: F401  (registers Meta-World/...)
 
@@ -315,8 +340,7 @@ def make_eval_envs(cfg: Any, *, split: str = "test", meta_batch_size: int | None
     kwargs: dict[str, Any] = {"vector_strategy": "sync", "seed": seed}
     if benchmark == "ML1":
         kwargs["env_name"] = cfg.env["task_name"]
-    classes = 1 if benchmark == "ML1" else 5 if split == "test" else (10 if benchmark == "ML10" else 45)
-    kwargs["meta_batch_size"] = meta_batch_size or (20 if benchmark == "ML1" else 5 * classes)
+    kwargs.update(eval_env_settings(cfg, split=split, meta_batch_size=meta_batch_size))
     if cfg.policy.recurrent is not None:
         kwargs["recurrent_info_in_obs"] = True
     return gym.make_vec(name, **kwargs)
@@ -348,7 +372,10 @@ def evaluate_splits(
         "adaptation_steps": steps,
         "adaptation_episodes": adaptation_episodes,
         "evaluation_episodes": evaluation_episodes,
-        "meta_batch_size": meta_batch_size,
+        "sub_envs": {
+            split: eval_env_settings(meta.cfg, split=split, meta_batch_size=meta_batch_size)
+            for split in ("train", "test")
+        },
         "seed": seed,
     }
     splits = {}
