@@ -75,12 +75,18 @@ class PEARLExperiment(RLExperiment):
         self._samplers: dict[tuple, Any] = {}
 
     # -- acting ------------------------------------------------------------------------------
-    def latents(self, contexts: list[torch.Tensor | None], generator: torch.Generator) -> torch.Tensor:
-        """``z [N, L]``: a draw from each task's posterior given its context ``[C, context_dim]`` (None: the prior)."""
-        latent = self.agent.latent_dim
-        noise = torch.randn(len(contexts), latent, generator=generator)
-        rows = []
+    def latents(self, contexts: torch.Tensor | list[torch.Tensor | None], generator: torch.Generator) -> torch.Tensor:
+        """``z [N, L]``: a draw from each task's posterior given its context.
+
+        ``contexts``: one batch ``[N, C, context_dim]`` (one encoder call for all tasks), or a list
+        of per-task contexts ``[C_n, context_dim]`` of any lengths (None: the prior).
+        """
+        noise = torch.randn(len(contexts), self.agent.latent_dim, generator=generator)
         with torch.no_grad():
+            if isinstance(contexts, torch.Tensor):
+                mu, var = self.agent.posterior(contexts.to(self.device))
+                return mu.cpu() + var.sqrt().cpu() * noise
+            rows = []
             for context, eps in zip(contexts, noise):
                 if context is None or len(context) == 0:
                     rows.append(eps)
@@ -126,10 +132,9 @@ class PEARLExperiment(RLExperiment):
         collected, returns = 0, []
         for r in range(rounds):
             if r == 0 or prior_only:
-                contexts: list[torch.Tensor | None] = [None] * len(indices)
-            else:
-                drawn = self.context_buffers.sample(indices, self.cfg.pearl.context_size, rng)
-                contexts = list(self.agent.context(drawn))
+                contexts: torch.Tensor | list[None] = [None] * len(indices)
+            else:  # the same context size for every task: one encoder call
+                contexts = self.agent.context(self.context_buffers.sample(indices, self.cfg.pearl.context_size, rng))
             z = self.latents(contexts, generator)
             episodes = self.sample_with(tasks, z, task_seeds(self.cfg.seed, TRAIN, *keys, r, n=len(tasks)))
             collected += self.rl_buffers.add_episodes(indices, episodes)
