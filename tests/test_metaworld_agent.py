@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import metarl
-from metarl.app.metaworld_agent import GradientAgent, InferenceAgent, RecurrentAgent, _episodes_of, score
+from metarl.app.metaworld_agent import GradientAgent, InferenceAgent, RecurrentAgent, _episodes_of
+from metarl.app.metaworld_eval import score
 
 ROOT = Path(__file__).resolve().parents[1]
 PEARL_TINY = [
@@ -75,7 +76,7 @@ def test_agents_run_metaworlds_own_evaluation(tmp_path_factory, config, extra, k
         assert callable(getattr(agent, method))
     from metaworld.evaluation import metalearning_evaluation
 
-    from metarl.app.metaworld_agent import make_eval_envs
+    from metarl.app.metaworld_eval import make_eval_envs
 
     envs = make_eval_envs(meta.cfg, meta_batch_size=2)
     try:
@@ -136,7 +137,7 @@ def test_cli_evaluate_metaworld_writes_success_rates_per_split(tmp_path_factory)
 def test_eval_env_settings_deal_each_class_goals_evenly():
     from types import SimpleNamespace
 
-    from metarl.app.metaworld_agent import eval_env_settings, make_eval_envs
+    from metarl.app.metaworld_eval import eval_env_settings, make_eval_envs
 
     ml1 = SimpleNamespace(env={"task_name": "reach-v3"}, policy=SimpleNamespace(recurrent=None))
     ml10 = SimpleNamespace(env={"benchmark": "ML10"}, policy=SimpleNamespace(recurrent=None))

@@ -186,7 +186,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_metaworld(args: argparse.Namespace, cfg: Any, run_dir: Path) -> int:
     """``metarl evaluate --metaworld``: Meta-World's own protocol on both splits."""
     from metarl.app.adapt import load
-    from metarl.app.metaworld_agent import evaluate_splits
+    from metarl.app.metaworld_eval import evaluate_splits
 
     if not (isinstance(cfg, RLConfig) and cfg.family.startswith("MetaWorld")):
         raise ConfigError(f"--metaworld scores Meta-World runs; this run's family is {cfg.family}")

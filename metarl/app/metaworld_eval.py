@@ -1,0 +1,167 @@
+"""Meta-World's own evaluation protocol on a run: its vector envs, ``metalearning_evaluation`` per split.
+
+:func:`make_eval_envs` builds Meta-World's vector env of a run's benchmark and split
+(:func:`eval_env_settings`: how each class's goals are dealt to the sub-envs);
+:func:`evaluate_splits` runs the protocol on the train and test splits (``metarl evaluate
+--metaworld``) and :func:`score` one split, with the run's agent (:mod:`metarl.app.metaworld_agent`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from metarl.app.metaworld_agent import agent_of, default_adaptation_steps
+
+#: Goals of every Meta-World 3 class in each split (ML1, ML10 and ML45 alike).
+GOALS_PER_CLASS = 50
+
+
+def eval_env_settings(cfg: Any, *, split: str = "test", meta_batch_size: int | None = None) -> dict[str, Any]:
+    """The sub-envs of Meta-World's vector env for a run's benchmark and split.
+
+    ``meta_batch_size`` sub-envs (default 20 for ML1, 5 per class otherwise; a multiple of the
+    split's classes), each class's goals dealt out among its sub-envs: Meta-World deals
+    ``total_tasks_per_cls`` goals per class and needs each sub-env to get as many, so it is the
+    largest multiple of the sub-envs per class up to the class's 50 goals (40 for ML1's 20
+    sub-envs, the setting ``metalearning_evaluation``'s own comment assumes). A size the classes do
+    not divide raises ValueError naming the valid ones.
+    """
+    benchmark = cfg.env.get("benchmark", "ML1")
+    classes = 1 if benchmark == "ML1" else 5 if split == "test" else (10 if benchmark == "ML10" else 45)
+    size = meta_batch_size or (20 if benchmark == "ML1" else 5 * classes)
+    if size < classes or size % classes or size // classes > GOALS_PER_CLASS:
+        raise ValueError(
+            f"--meta-batch-size must be a multiple of the {classes} classes of {benchmark}'s {split} split, at most "
+            f"{classes * GOALS_PER_CLASS}, got {size}"
+        )
+    per_class = size // classes
+    return {"meta_batch_size": size, "total_tasks_per_cls": GOALS_PER_CLASS - GOALS_PER_CLASS % per_class}
+
+
+def make_eval_envs(cfg: Any, *, split: str = "test", meta_batch_size: int | None = None, seed: int | None = None):
+    """Meta-World's own vector env of a run's benchmark (ML1 task or ML10/ML45) and split
+    (:func:`eval_env_settings`), the goals of ``metaworld.ML1/ML10/ML45(seed)`` (default: the
+    run's ``env.seed``, 0), Meta-World's horizon. RL^2 runs get the previous action and reward in
+    the observation (see the module docstring)."""
+    import gymnasium as gym
+    import metaworld  # noqa: F401  (registers Meta-World/...)
+
+    benchmark = cfg.env.get("benchmark", "ML1")
+    seed = cfg.env.get("seed", 0) if seed is None else seed
+    name = f"Meta-World/{benchmark}-{split}"
+    kwargs: dict[str, Any] = {"vector_strategy": "sync", "seed": seed}
+    if benchmark == "ML1":
+        kwargs["env_name"] = cfg.env["task_name"]
+    kwargs.update(eval_env_settings(cfg, split=split, meta_batch_size=meta_batch_size))
+    if cfg.policy.recurrent is not None:
+        kwargs["recurrent_info_in_obs"] = True
+    return gym.make_vec(name, **kwargs)
+
+
+def evaluate_splits(
+    meta: Any,
+    *,
+    num_evals: int = 10,
+    adaptation_episodes: int = 10,
+    evaluation_episodes: int = 3,
+    meta_batch_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Meta-train and meta-test success rates by Meta-World's protocol, with 95% CIs over rounds.
+
+    Each of ``num_evals`` rounds is one ``metalearning_evaluation`` call (new goals for every
+    sub-env, the agent re-initialised, adaptation, evaluation). Returns, per split, the shape of
+    ``metarl evaluate``'s JSON with ``"metric": "success"`` (``steps``: the adaptation steps
+    taken), the success rate per task name, the mean return and every round's figures."""
+    from metaworld.evaluation import metalearning_evaluation
+
+    from metarl.runs.experiment import mean_and_ci95
+
+    steps = default_adaptation_steps(meta)
+    settings = {
+        "protocol": "metaworld.evaluation.metalearning_evaluation",
+        "num_evals": num_evals,
+        "adaptation_steps": steps,
+        "adaptation_episodes": adaptation_episodes,
+        "evaluation_episodes": evaluation_episodes,
+        "sub_envs": {
+            split: eval_env_settings(meta.cfg, split=split, meta_batch_size=meta_batch_size)
+            for split in ("train", "test")
+        },
+        "seed": seed,
+    }
+    splits = {}
+    for split in ("train", "test"):
+        envs = make_eval_envs(meta.cfg, split=split, meta_batch_size=meta_batch_size)
+        agent = agent_of(meta, seed=seed)
+        rounds = []
+        try:
+            for _ in range(num_evals):
+                success, mean_return, per_task = metalearning_evaluation(
+                    agent,
+                    envs,
+                    num_evals=1,
+                    adaptation_steps=steps,
+                    adaptation_episodes=adaptation_episodes,
+                    evaluation_episodes=evaluation_episodes,
+                )
+                rounds.append(
+                    {"success": success, "return": mean_return, "per_task": {k: float(v) for k, v in per_task.items()}}
+                )
+        finally:
+            envs.close()
+        summary = mean_and_ci95(np.array([[r["success"]] for r in rounds]))
+        names = sorted(rounds[0]["per_task"])
+        per_task = {
+            name: {
+                k: v[0]
+                for k, v in mean_and_ci95(np.array([[r["per_task"][name]] for r in rounds])).items()
+                if k != "num_tasks"
+            }
+            for name in names
+        }
+        splits[split] = {
+            "metric": "success",
+            "steps": [steps],
+            "mean": summary["mean"],
+            "ci95": summary["ci95"],
+            "num_evals": num_evals,
+            "per_task": per_task,
+            "mean_return": float(np.mean([r["return"] for r in rounds])),
+            "rounds": rounds,
+        }
+    return {"metric": "success", "settings": settings, "splits": splits}
+
+
+def score(
+    meta: Any,
+    *,
+    split: str = "test",
+    num_evals: int = 10,
+    adaptation_steps: int | None = None,
+    adaptation_episodes: int = 10,
+    evaluation_episodes: int = 3,
+    meta_batch_size: int | None = None,
+    seed: int = 0,
+) -> tuple[float, float, dict[str, float]]:
+    """``metaworld.evaluation.metalearning_evaluation`` of a run's agent: mean success rate, mean
+    return, success rate per task name. ``adaptation_steps``: default the run's inner steps (RL^2: 1,
+    one batch of ``adaptation_episodes`` episodes of the trial)."""
+    from metaworld.evaluation import metalearning_evaluation
+
+    agent = agent_of(meta, seed=seed)
+    steps = adaptation_steps or default_adaptation_steps(meta)
+    envs = make_eval_envs(meta.cfg, split=split, meta_batch_size=meta_batch_size)
+    try:
+        return metalearning_evaluation(
+            agent,
+            envs,
+            num_evals=num_evals,
+            adaptation_steps=steps,
+            adaptation_episodes=adaptation_episodes,
+            evaluation_episodes=evaluation_episodes,
+        )
+    finally:
+        envs.close()
