@@ -35,16 +35,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from agents.policies import TanhGaussianMLPPolicy
 from metarl.core.learner import Learner, register
-from metarl.rl.replay import TaskReplayBuffers, Transitions
+from metarl.rl.replay import ReplayBatch, Transitions
 
 #: Smallest variance of an encoder factor (the paper's code clamps at 1e-7 before the product).
 MIN_FACTOR_VAR = 1e-7
@@ -256,20 +255,6 @@ class PEARLAgent(nn.Module):
 
     def posterior(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder.posterior(context)
-
-
-class ReplayBatch(NamedTuple):
-    """What one PEARL meta-iteration learns from: the buffers of the training tasks and the draws' randomness.
-
-    ``rl``: every transition collected (SAC's data); ``context``: each task's latest collection
-    with ``z`` from the prior or the posterior (the encoder's data); ``rng`` draws the tasks and
-    transitions of each gradient step, ``generator`` the latent and action noise.
-    """
-
-    rl: TaskReplayBuffers
-    context: TaskReplayBuffers
-    rng: np.random.Generator
-    generator: torch.Generator
 
 
 class PEARL(Learner):

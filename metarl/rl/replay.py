@@ -174,3 +174,17 @@ class TaskReplayBuffers:
                 self._data[name][t, :size] = state[name][t].numpy()
         self.sizes[:] = sizes
         self._next[:] = nxt
+
+
+class ReplayBatch(NamedTuple):
+    """What one off-policy meta-iteration (PEARL) learns from: the tasks' buffers and the draws' randomness.
+
+    ``rl``: every transition collected (SAC's data); ``context``: each task's latest collection
+    with ``z`` from the prior or the posterior (the encoder's data); ``rng`` draws the tasks and
+    transitions of each gradient step, ``generator`` the latent and action noise.
+    """
+
+    rl: TaskReplayBuffers
+    context: TaskReplayBuffers
+    rng: np.random.Generator
+    generator: torch.Generator

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.pearl import PEARLAgent, ReplayBatch, actor_params_for_tasks, context_of
+from agents.pearl import PEARLAgent, actor_params_for_tasks, context_of
 from agents.policies import TanhGaussianMLPPolicy
 from metarl.core.learner import build_learner
 from metarl.rl.episodes import Episodes
-from metarl.rl.replay import TaskReplayBuffers
+from metarl.rl.replay import ReplayBatch, TaskReplayBuffers
 from metarl.rl.sampling.vector import task_seeds
 from metarl.runs.experiment import TEST, TRAIN, VAL, Experiment, split_rng
 from metarl.runs.rl import RLExperiment, make_task_env
