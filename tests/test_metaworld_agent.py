@@ -157,3 +157,25 @@ def test_eval_env_settings_deal_each_class_goals_evenly():
             assert envs.num_envs == 20
         finally:
             envs.close()
+
+
+def test_eval_envs_hold_the_goals_of_their_split():
+    """Each split's sub-envs hold that split's goals of ``metaworld.ML1(task, seed)`` and none of
+    the other's (Metaworld 3.0's ``Meta-World/ML1-train`` id builds the test split)."""
+    from types import SimpleNamespace
+
+    import metaworld
+
+    from metarl.app.metaworld_eval import make_eval_envs
+
+    ml1 = SimpleNamespace(env={"task_name": "reach-v3", "seed": 3}, policy=SimpleNamespace(recurrent=None))
+    benchmark = metaworld.ML1("reach-v3", seed=3)
+    goals = {split: {task.data for task in getattr(benchmark, f"{split}_tasks")} for split in ("train", "test")}
+    assert len(goals["train"]) == len(goals["test"]) == 50 and not goals["train"] & goals["test"]
+    for split in ("train", "test"):
+        envs = make_eval_envs(ml1, split=split, meta_batch_size=2)
+        try:
+            held = {task.data for tasks in envs.get_attr("tasks") for task in tasks}
+        finally:
+            envs.close()
+        assert held == goals[split]

@@ -44,20 +44,23 @@ def make_eval_envs(cfg: Any, *, split: str = "test", meta_batch_size: int | None
     """Meta-World's own vector env of a run's benchmark (ML1 task or ML10/ML45) and split
     (:func:`eval_env_settings`), the goals of ``metaworld.ML1/ML10/ML45(seed)`` (default: the
     run's ``env.seed``, 0), Meta-World's horizon. RL^2 runs get the previous action and reward in
-    the observation (see the module docstring)."""
-    import gymnasium as gym
-    import metaworld  # noqa: F401  (registers Meta-World/...)
+    the observation (see the module docstring).
+
+    Built with ``metaworld.make_ml_envs_train`` / ``make_ml_envs_test``, the functions behind
+    Meta-World's ``gym.make_vec`` ids, rather than the ids: Metaworld 3.0 registers
+    ``Meta-World/ML1-train`` and ``ML1-test`` in a loop whose lambda reads the loop variable late,
+    so both ids build the *test* split (ML10 and ML45 are registered correctly).
+    """
+    import metaworld
 
     benchmark = cfg.env.get("benchmark", "ML1")
     seed = cfg.env.get("seed", 0) if seed is None else seed
-    name = f"Meta-World/{benchmark}-{split}"
+    make = metaworld.make_ml_envs_train if split == "train" else metaworld.make_ml_envs_test
     kwargs: dict[str, Any] = {"vector_strategy": "sync", "seed": seed}
-    if benchmark == "ML1":
-        kwargs["env_name"] = cfg.env["task_name"]
     kwargs.update(eval_env_settings(cfg, split=split, meta_batch_size=meta_batch_size))
     if cfg.policy.recurrent is not None:
         kwargs["recurrent_info_in_obs"] = True
-    return gym.make_vec(name, **kwargs)
+    return make(cfg.env["task_name"] if benchmark == "ML1" else benchmark, **kwargs)
 
 
 def evaluate_splits(
