@@ -128,6 +128,10 @@ def test_cli_evaluate_metaworld_writes_success_rates_per_split(tmp_path_factory)
         assert len(rounds) == 2 and r["steps"] == [1] and set(r["per_task"]) == {"reach-v3"}
         assert r["mean"] == [pytest.approx(np.mean(rounds))]  # the CI is over the rounds
         assert r["ci95"] == [pytest.approx(1.96 * np.std(rounds, ddof=1) / np.sqrt(2))]
+        for i, x in enumerate(r["rounds"]):  # one progress line per round, with that round's figures
+            assert (
+                f"{split} split: round {i + 1}/2, success {x['success']:.3f}, return {x['return']:.1f}" in result.stderr
+            )
     # a run of another family: one line, exit 2
     nav = _train(tmp_path_factory, "experiments/navigation2d/maml_trpo.yaml", "policy.hidden=[8]")
     result = subprocess.run([*cmd[:4], str(nav), "--metaworld"], cwd=ROOT, capture_output=True, text=True)

@@ -203,6 +203,7 @@ def _evaluate_metaworld(args: argparse.Namespace, cfg: Any, run_dir: Path) -> in
             evaluation_episodes=args.evaluation_episodes,
             meta_batch_size=args.meta_batch_size,
             seed=args.seed,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except ValueError as exc:  # e.g. a meta-batch size the split's classes do not divide
         raise ConfigError(str(exc)) from None

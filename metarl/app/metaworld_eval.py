@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,13 +73,15 @@ def evaluate_splits(
     evaluation_episodes: int = 3,
     meta_batch_size: int | None = None,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Meta-train and meta-test success rates by Meta-World's protocol, with 95% CIs over rounds.
 
     Each of ``num_evals`` rounds is one ``metalearning_evaluation`` call (new goals for every
     sub-env, the agent re-initialised, adaptation, evaluation). Returns, per split, the shape of
     ``metarl evaluate``'s JSON with ``"metric": "success"`` (``steps``: the adaptation steps
-    taken), the success rate per task name, the mean return and every round's figures."""
+    taken), the success rate per task name, the mean return and every round's figures.
+    ``progress`` gets one line per round (split, round, success, return, time left)."""
     from metaworld.evaluation import metalearning_evaluation
 
     from metarl.runs.experiment import mean_and_ci95
@@ -96,6 +100,7 @@ def evaluate_splits(
         "seed": seed,
     }
     splits = {}
+    t0, done, total = time.perf_counter(), 0, 2 * num_evals
     for split in ("train", "test"):
         envs = make_eval_envs(meta.cfg, split=split, meta_batch_size=meta_batch_size)
         agent = agent_of(meta, seed=seed)
@@ -113,6 +118,14 @@ def evaluate_splits(
                 rounds.append(
                     {"success": success, "return": mean_return, "per_task": {k: float(v) for k, v in per_task.items()}}
                 )
+                done += 1
+                if progress is not None:
+                    elapsed = time.perf_counter() - t0
+                    progress(
+                        f"{split} split: round {len(rounds)}/{num_evals}, success {success:.3f}, "
+                        f"return {mean_return:.1f} ({elapsed / 60:.1f} min, about "
+                        f"{elapsed / done * (total - done) / 60:.1f} min left)"
+                    )
         finally:
             envs.close()
         summary = mean_and_ci95(np.array([[r["success"]] for r in rounds]))
