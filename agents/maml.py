@@ -80,10 +80,6 @@ class MAML(Learner):
         self.optimizer.step()
         return means(metrics)
 
-    def adaptation_curve(self, tasks: Any, lrs: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Few-shot query metrics after 0..len(lrs) inner steps: ``{name: [T, len(lrs) + 1]}``."""
-        return self.objective.adaptation_curve(self.theta(), tasks, lrs)
-
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()} if self.optimizer is not None else {}
 

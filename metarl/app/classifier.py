@@ -9,6 +9,10 @@ Images may be file paths, PIL images or arrays/tensors of any size; they go thro
 preprocessing of training (:func:`metarl.fewshot.omniglot.preprocess_images`: grayscale,
 resized, ink = 1), so dark strokes on a light background, like Omniglot, work best.
 
+Every few-shot method of the lab works here: the classifier adapts and predicts through the run's
+learner (``adapt_task`` / ``task_outputs`` of :class:`metarl.core.learner.Learner`): gradient-based
+methods fine-tune on the support set, metric-based ones compare each query with it.
+
 Batch norm normalises with the statistics of the batch it sees (as in MAML). Adaptation sees the
 support set; prediction classifies the query images in one batch together with the support set,
 so any number of query images, even one, is handled, and a query image's prediction depends on
@@ -26,7 +30,9 @@ import numpy as np
 import torch
 
 from metarl.core.config_files import load_config
-from metarl.core.functional import Params, adapt, call, inner_lrs, params_of
+from metarl.core.functional import inner_lrs
+from metarl.core.learner import Learner, build_learner
+from metarl.fewshot.batch import FewShotBatch
 from metarl.fewshot.images import preprocess_images
 from metarl.fewshot.objective import FewShotObjective
 from metarl.runs.fewshot import build_model
@@ -37,12 +43,12 @@ from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError, load_checkpoint
 class FewShotClassifier:
     """A meta-trained N-way classifier that adapts to new classes from a few labelled images."""
 
-    def __init__(self, model: torch.nn.Module, cfg: FewShotConfig) -> None:
-        self.model = model.eval()
+    def __init__(self, learner: Learner, cfg: FewShotConfig) -> None:
+        self.learner = learner
+        self.model = learner.model.eval()
         self.cfg = cfg
         self.n_way = cfg.omniglot.n_way
         self.image_size = cfg.omniglot.image_size
-        self.objective = FewShotObjective(model, kind="classification")
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike) -> FewShotClassifier:
@@ -56,15 +62,22 @@ class FewShotClassifier:
                 f"{run_dir} is a {cfg.family!r} run; FewShotClassifier needs an image-classification run "
                 "(family: omniglot)"
             )
+        cfg.device = "cpu"
         model = build_model(cfg)
+        learner = build_learner(
+            "fewshot", cfg, model, FewShotObjective(model, kind="classification", n_way=cfg.omniglot.n_way)
+        )
         state = load_checkpoint(run_dir / CHECKPOINT)
         model.load_state_dict(state["model"])
-        return cls(model, cfg)
+        learner.load_state_dict(state.get("learner", {}))
+        return cls(learner, cfg)
 
     def adapt(
         self, support_images: Any, support_labels: Sequence[Hashable], steps: int | None = None
     ) -> AdaptedClassifier:
-        """Fine-tune on the support set with the run's inner loop (``eval.steps`` steps by default).
+        """Adapt to the support set as the run's method does: the inner loop for ``steps`` steps
+        (``eval.steps`` by default) for gradient-based methods; metric-based methods keep the
+        support set and compare queries with it (``steps`` does not apply).
 
         ``support_labels`` may be any hashable labels (strings, ints); there must be exactly
         ``n_way`` distinct ones, the number of classes the run was meta-trained for.
@@ -84,29 +97,29 @@ class FewShotClassifier:
         steps = self.cfg.eval.steps if steps is None else steps
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
-        lrs = inner_lrs(self.cfg.eval_lr, steps)
-        theta = {k: v.detach() for k, v in params_of(self.model).items()}
-        with torch.no_grad():
-            phi = adapt(lambda p, _step: self.objective.loss(p, x, y), theta, lrs=lrs, first_order=True)
-        return AdaptedClassifier(self, phi, x, classes)
+        order = torch.argsort(y, stable=True)  # class-major, as the task samplers give support sets
+        task = FewShotBatch(x[order], y[order], x[:0], y[:0])
+        adapted = self.learner.adapt_task(task, inner_lrs(self.cfg.eval_lr, steps))
+        return AdaptedClassifier(self, adapted, x[order], classes)
 
 
 class AdaptedClassifier:
-    """The result of :meth:`FewShotClassifier.adapt`: predicts the support set's labels."""
+    """The result of :meth:`FewShotClassifier.adapt`: predicts the support set's labels.
 
-    def __init__(
-        self, base: FewShotClassifier, params: Params, support_x: torch.Tensor, classes: list[Hashable]
-    ) -> None:
+    ``params`` is what the method kept from the support set: the adapted parameters of a
+    gradient-based method (``{name: tensor}``), the support embeddings or set of a metric-based one.
+    """
+
+    def __init__(self, base: FewShotClassifier, adapted: Any, support_x: torch.Tensor, classes: list[Hashable]) -> None:
         self.base = base
-        self.params = params
+        self.params = adapted
         self.support_x = support_x
         self.classes_ = classes
 
     def predict_proba(self, query_images: Any) -> np.ndarray:
         """Class probabilities ``[N, n_way]``; column ``j`` is ``classes_[j]``."""
         q = preprocess_images(query_images, image_size=self.base.image_size)
-        with torch.no_grad():
-            logits = call(self.base.model, self.params, torch.cat([self.support_x, q]))[len(self.support_x) :]
+        logits = self.base.learner.task_outputs(self.params, self.support_x, q)
         return torch.softmax(logits, -1).numpy()
 
     def predict(self, query_images: Any) -> np.ndarray:

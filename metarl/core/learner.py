@@ -10,7 +10,11 @@ name a config uses (``algorithm: maml_trpo``) for a family of experiments (``"rl
 
 The experiment loop calls every learner the same way: ``step(batch, iteration) -> metrics`` once
 per meta-iteration, ``adapt(params, support)`` to adapt to tasks (sampling, evaluation,
-``metarl adapt``), and ``state_dict`` / ``load_state_dict`` for checkpoints.
+``metarl adapt``), and ``state_dict`` / ``load_state_dict`` for checkpoints (a learner's own
+learned modules, such as learned learning rates, go there with its optimizer state). Few-shot
+learners are evaluated through ``adaptation_curve(tasks, lrs)`` and used on a user's data
+(:class:`metarl.app.classifier.FewShotClassifier`) through ``adapt_task`` and ``task_outputs``;
+the defaults are the gradient-based inner loop of the learner's objective.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-from metarl.core.functional import Params, params_of
+from metarl.core.functional import Params, call, params_of
 
 FAMILIES = ("rl", "fewshot")
 Builder = Callable[[Any, nn.Module, Any], "Learner"]
@@ -64,6 +69,27 @@ class Learner:
         lrs = self.inner_lrs if lrs is None else list(lrs)
         first_order = self.first_order if first_order is None else first_order
         return self.objective.adapt(params, support, lrs=lrs, first_order=first_order)
+
+    # -- evaluation and prediction (few-shot) --------------------------------------------------
+    def adaptation_curve(self, tasks: Any, lrs: Sequence[float]) -> dict[str, Any]:
+        """Query metrics of each task after 0, 1, ..., ``len(lrs)`` adaptation steps, from ``theta``:
+        ``{name: [T, len(lrs) + 1]}`` (few-shot: ``loss`` and ``accuracy``, or ``loss`` for
+        regression). A learner that adapts without gradient steps (a metric-based one) returns one
+        column ``[T, 1]``: its metrics after it has seen the support set."""
+        return self.objective.adaptation_curve(self.theta(), tasks, lrs)
+
+    def adapt_task(self, task: Any, lrs: Sequence[float]) -> Any:
+        """What adaptation to one few-shot task keeps (its support set; no task dimension):
+        by default the parameters after ``len(lrs)`` inner steps. Read by :meth:`task_outputs`."""
+        with torch.no_grad():
+            return self.objective.adapt_one(self.theta(), task, lrs=lrs, first_order=True)
+
+    def task_outputs(self, adapted: Any, support_x: Any, query_x: Any) -> Any:
+        """Outputs ``[Q, out]`` (logits, or regression values) for query inputs ``[Q, ...]`` of a
+        task adapted by :meth:`adapt_task`. The model sees the support and query inputs in one
+        batch (batch norm uses their joint statistics), so any number of queries, even one, works."""
+        with torch.no_grad():
+            return call(self.model, adapted, torch.cat([support_x, query_x]))[len(support_x) :]
 
     def state_dict(self) -> dict[str, Any]:
         return {}

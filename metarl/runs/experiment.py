@@ -160,6 +160,7 @@ class Experiment:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, *, num_tasks: int, steps: int, seed: int) -> dict[str, Any]:
-        """The metric after 0..steps adaptation steps on ``num_tasks`` held-out tasks, mean and 95% CI."""
-        summary = mean_and_ci95(self.evaluation_curve(num_tasks, steps, seed))
-        return {"metric": self.metric, "steps": list(range(steps + 1)), **summary}
+        """The metric after 0..steps adaptation steps on ``num_tasks`` held-out tasks, mean and 95% CI
+        (``steps: [0]`` for a learner that adapts without steps)."""
+        curve = self.evaluation_curve(num_tasks, steps, seed)  # [tasks, steps + 1], or [tasks, 1]
+        return {"metric": self.metric, "steps": list(range(curve.shape[1])), **mean_and_ci95(curve)}

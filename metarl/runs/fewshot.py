@@ -19,7 +19,6 @@ import agents  # noqa: F401  (registers the algorithms)
 from agents.models import MLP, ConvNet
 from metarl.core.functional import inner_lrs
 from metarl.core.learner import build_learner
-from metarl.core.metalearning import TaskwiseObjective
 from metarl.fewshot.batch import FewShotBatch
 from metarl.fewshot.objective import FewShotObjective
 from metarl.fewshot.omniglot import Omniglot
@@ -89,7 +88,6 @@ class FewShotExperiment(Experiment):
             self.model, kind=self.tasks.kind, inner_batch_size=cfg.inner.batch_size, n_way=n_way
         )
         self.learner = build_learner("fewshot", cfg, self.model, self.objective)
-        self.evaluator = TaskwiseObjective(self.objective, batched=cfg.batched)  # adaptation curves
         self.metric = "mse" if self.tasks.kind == "regression" else "accuracy"
 
     def sample(self, split: str, num_tasks: int, rng: np.random.Generator) -> FewShotBatch:
@@ -109,16 +107,17 @@ class FewShotExperiment(Experiment):
 
     # -- evaluation --------------------------------------------------------------------------
     def curves(self, split: str, num_tasks: int, rng: np.random.Generator, steps: int) -> dict[str, np.ndarray]:
-        """Per-task query metrics after 0..steps inner steps: ``{name: [num_tasks, steps + 1]}``.
+        """Per-task query metrics after 0..steps inner steps: ``{name: [num_tasks, steps + 1]}``
+        (the learner's :meth:`~metarl.core.learner.Learner.adaptation_curve`; one column for a
+        learner that adapts without steps).
 
         Names: ``mse`` for regression; ``loss`` (cross-entropy) and ``accuracy`` for classification.
         """
         lrs = inner_lrs(self.cfg.eval_lr, steps)
-        theta = self.learner.theta()
         rows: dict[str, list[np.ndarray]] = {}
         for start in range(0, num_tasks, self.cfg.eval.chunk):
             batch = self.sample(split, min(self.cfg.eval.chunk, num_tasks - start), rng)
-            for key, value in self.evaluator.adaptation_curve(theta, batch, lrs).items():
+            for key, value in self.learner.adaptation_curve(batch, lrs).items():
                 name = "mse" if self.metric == "mse" and key == "loss" else key
                 rows.setdefault(name, []).append(value.cpu().numpy())
         return {name: np.concatenate(parts) for name, parts in rows.items()}
