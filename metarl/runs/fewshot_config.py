@@ -61,6 +61,53 @@ class OmniglotConfig(ConfigModel):
     filters: int = option(64, ge=1, doc="Filters of each of the 4 conv blocks.")
 
 
+# -- per-method settings (one section per method of agents/; a method reads only its own) ----------
+class ProtoNetConfig(ConfigModel):
+    distance: Literal["euclidean", "cosine"] = option(
+        "euclidean", doc="protonet: distance of a query to a prototype (the paper's squared Euclidean, or cosine)."
+    )
+
+
+class MatchingNetConfig(ConfigModel):
+    """matchingnet settings (filled in by its module)."""
+
+
+class RelationNetConfig(ConfigModel):
+    """relationnet settings (filled in by its module)."""
+
+
+class SiameseConfig(ConfigModel):
+    """siamese settings (filled in by its module)."""
+
+
+class MetaSGDConfig(ConfigModel):
+    """metasgd settings (filled in by its module)."""
+
+
+class MetaLSTMConfig(ConfigModel):
+    """metalstm settings (filled in by its module)."""
+
+
+class MAMLPPConfig(ConfigModel):
+    """mamlpp settings (filled in by its module)."""
+
+
+class ANILConfig(ConfigModel):
+    """anil settings (filled in by its module)."""
+
+
+class IMAMLConfig(ConfigModel):
+    """imaml settings (filled in by its module)."""
+
+
+class R2D2Config(ConfigModel):
+    """r2d2 settings (filled in by its module)."""
+
+
+#: Methods that only classify (no regression head or loss): refused on the sinusoid family.
+CLASSIFICATION_ONLY = ("protonet", "matchingnet", "relationnet", "siamese", "r2d2")
+
+
 class EvalConfig(ConfigModel):
     steps: int = option(10, ge=0, doc="Inner steps evaluated: the metric is reported after 0..steps steps.")
     lr: float | list[float] | None = option(None, gt=0, doc="Inner learning rate at evaluation (null: inner.lr).")
@@ -75,8 +122,8 @@ class EvalConfig(ConfigModel):
 class FewShotConfig(ConfigModel):
     family: Literal["sinusoid", "omniglot"] = option(doc="Task family.")
     algorithm: str = option(
-        doc="Meta-learner: an algorithm registered for the fewshot family in agents/ (maml, fomaml, reptile; "
-        "pretrain: the multi-task baseline)."
+        doc="Meta-learner: an algorithm registered for the fewshot family in agents/ (maml, fomaml, reptile, "
+        "protonet, ...; pretrain: the multi-task baseline)."
     )
     num_iterations: int = option(doc="Meta-iterations (meta-updates) to train.", ge=1)
     seed: int = option(0, ge=0, doc="Run seed: model init, task sampling of every iteration.")
@@ -93,6 +140,16 @@ class FewShotConfig(ConfigModel):
     eval: EvalConfig = option(default_factory=EvalConfig, doc="Meta-validation and evaluation.")
     sinusoid: SinusoidConfig = option(default_factory=SinusoidConfig, doc="Sinusoid regression family.")
     omniglot: OmniglotConfig = option(default_factory=OmniglotConfig, doc="Omniglot classification family.")
+    protonet: ProtoNetConfig = option(default_factory=ProtoNetConfig, doc="Prototypical Networks.")
+    matchingnet: MatchingNetConfig = option(default_factory=MatchingNetConfig, doc="Matching Networks.")
+    relationnet: RelationNetConfig = option(default_factory=RelationNetConfig, doc="Relation Networks.")
+    siamese: SiameseConfig = option(default_factory=SiameseConfig, doc="Siamese verification networks.")
+    metasgd: MetaSGDConfig = option(default_factory=MetaSGDConfig, doc="Meta-SGD.")
+    metalstm: MetaLSTMConfig = option(default_factory=MetaLSTMConfig, doc="The Meta-Learner LSTM.")
+    mamlpp: MAMLPPConfig = option(default_factory=MAMLPPConfig, doc="MAML++.")
+    anil: ANILConfig = option(default_factory=ANILConfig, doc="ANIL.")
+    imaml: IMAMLConfig = option(default_factory=IMAMLConfig, doc="iMAML.")
+    r2d2: R2D2Config = option(default_factory=R2D2Config, doc="R2-D2.")
 
     @field_validator("algorithm")
     @classmethod
@@ -105,6 +162,8 @@ class FewShotConfig(ConfigModel):
             raise field_error("", "inner.steps", "reptile needs at least 1 inner step")
         if self.algorithm in ("maml", "fomaml") and self.inner.steps < 1:
             raise field_error("", "inner.steps", f"{self.algorithm} needs at least 1 inner step")
+        if self.algorithm in CLASSIFICATION_ONLY and self.family != "omniglot":
+            raise field_error("", "algorithm", f"{self.algorithm} classifies images; use it with family omniglot")
         return self
 
     @property
