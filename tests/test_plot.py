@@ -151,6 +151,22 @@ def test_plot_runs_by_env_steps_needs_the_column_in_every_run(tmp_path):
         plot_runs([with_steps, without], tmp_path / "b.png", x="env_steps")
 
 
+def test_plot_runs_log_x_draws_the_positive_points_on_a_log_axis(tmp_path, monkeypatch):
+    import metarl.app.plot as plot
+
+    drawn = []
+    monkeypatch.setattr(plot, "_save", lambda fig, out: drawn.append(fig))
+    run = _write_run(
+        tmp_path, "pearl", [{"iteration": i, "env_steps": 1000 * i, "return/post_adapt": i} for i in range(3)]
+    )
+    plot.plot_runs([run], tmp_path / "a.png", x="env_steps", log_x=True)
+    ax = drawn[0].axes[0]
+    assert ax.get_xscale() == "log" and list(ax.lines[0].get_xdata()) == [1000, 2000]  # x = 0 left out
+    assert list(ax.lines[0].get_ydata()) == [1, 2]
+    plot.plot_runs([run], tmp_path / "b.png", x="env_steps")
+    assert drawn[1].axes[0].get_xscale() == "linear" and list(drawn[1].axes[0].lines[0].get_xdata()) == [0, 1000, 2000]
+
+
 # ------------------------------------------------------------------------------------------
 # plot_runs
 # ------------------------------------------------------------------------------------------

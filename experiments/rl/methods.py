@@ -28,7 +28,7 @@ Usage::
 
     python experiments/rl/methods.py all metaworld_ml1_reach/rl2 [--minutes 60] [--out /work/rl-bench]
     python experiments/rl/methods.py evaluate navigation2d/promp [--run-dir DIR]
-    python experiments/rl/methods.py plot navigation2d
+    python experiments/rl/methods.py plot navigation2d      # + curves by env steps (log axis)
     python experiments/rl/methods.py table
 """
 
@@ -119,6 +119,17 @@ def plot(folder: str) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def curves_by_env_steps(folder: str) -> None:
+    """Training curves of every recorded run of a family by the env steps they learned from, on a
+    log axis (PEARL's data and MAML-TRPO's differ by orders of magnitude): return after adaptation
+    (MAML-type: one inner step; RL^2 and PEARL: with the trial's or the posterior's context)."""
+    runs = [p for p in [RESULTS / "runs" / folder, *sorted((RESULTS / "runs").glob(f"{folder}_*"))] if p.is_dir()]
+    out = RESULTS / f"{folder}_env_steps.png"
+    cmd = [sys.executable, "-m", "metarl", "plot", *map(str, runs), "--x", "env_steps", "--log-x",
+           "--keys", "return/post_adapt", "--smooth", "5", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
 def table() -> str:
     """The README's Meta-World table: one row per recorded run, the paper's figures beside."""
     columns = ["benchmark", "task", "algorithm", "env steps", "train h", "meta-train success", "meta-test success"]
@@ -156,6 +167,7 @@ def main() -> None:
         if args.config is None or not (RESULTS / "runs" / args.config / "eval_baselines.json").is_file():
             parser.error(f"plot: need a family recorded by families.py (with eval_baselines.json), got {args.config!r}")
         plot(args.config)
+        curves_by_env_steps(args.config)
         return
     if args.config is None or not (ROOT / "experiments" / f"{args.config}.yaml").is_file():
         parser.error(f"config: need FOLDER/ALGORITHM with an experiments/FOLDER/ALGORITHM.yaml, got {args.config!r}")

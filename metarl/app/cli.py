@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="iteration",
         help="x axis: iteration (default) or a logged column, e.g. env_steps to compare methods by their data",
     )
+    pl.add_argument("--log-x", action="store_true", help="logarithmic x axis (e.g. PEARL and MAML-TRPO by env steps)")
     pl.add_argument(
         "--evaluations",
         action="store_true",

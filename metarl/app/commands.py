@@ -295,7 +295,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "curves.png"
     try:
         with writing(out):
-            keys = plot_runs([Path(d) for d in args.run_dirs], out, keys=args.keys, smooth=args.smooth, x=args.x)
+            keys = plot_runs(
+                [Path(d) for d in args.run_dirs], out, keys=args.keys, smooth=args.smooth, x=args.x, log_x=args.log_x
+            )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     print(f"wrote {out} ({', '.join(keys)})")

@@ -101,6 +101,7 @@ def plot_runs(
     keys: Sequence[str] | None = None,
     smooth: int = 1,
     x: str = "iteration",
+    log_x: bool = False,
 ) -> list[str]:
     """Draw the learning curves of ``run_dirs`` into the PNG ``out``; return the keys drawn.
 
@@ -117,6 +118,8 @@ def plot_runs(
             values.
         x: the column on the x axis: ``iteration``, or one every run logs (``env_steps``:
             methods compared by the env steps they learned from).
+        log_x: a logarithmic x axis (methods whose data differ by orders of magnitude, such as
+            PEARL and MAML-TRPO by env steps); points at x <= 0 are left out.
 
     Raises:
         ValueError: no run dirs; a run dir without ``metrics.jsonl`` or without rows; a key
@@ -158,11 +161,16 @@ def plot_runs(
             if curve is None:
                 continue
             xs, y, std = curve
+            if log_x:
+                keep = np.asarray(xs) > 0
+                xs, y, std = np.asarray(xs)[keep], np.asarray(y)[keep], None if std is None else np.asarray(std)[keep]
             (line,) = ax.plot(xs, y, label=label, linewidth=1.2, marker="o" if len(xs) == 1 else None)
             if std is not None:
                 ax.fill_between(xs, y - std, y + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(key + (f" (moving average, {smooth})" if smooth > 1 else ""), fontsize=10)
-        ax.set_xlabel(x.replace("_", " "))
+        ax.set_xlabel(x.replace("_", " ") + (" (log scale)" if log_x else ""))
+        if log_x:
+            ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, out)
