@@ -34,6 +34,11 @@ def embed(backbone: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
     return call(backbone.features, features, x).flatten(1)
 
 
+def one_hot(labels: torch.Tensor, n_way: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Indicators ``[..., n_way]`` of labels ``[...]`` in ``0..n_way-1`` (vmap-safe, unlike ``F.one_hot``)."""
+    return (labels.unsqueeze(-1) == torch.arange(n_way, device=labels.device)).to(dtype)
+
+
 def class_means(embeddings: torch.Tensor, n_way: int) -> torch.Tensor:
     """Mean embedding of each class ``[n_way, D]`` of class-major support embeddings ``[n_way * K, D]``."""
     return embeddings.view(n_way, -1, embeddings.shape[-1]).mean(1)

@@ -69,15 +69,26 @@ class ProtoNetConfig(ConfigModel):
 
 
 class MatchingNetConfig(ConfigModel):
-    """matchingnet settings (filled in by its module)."""
+    fce: bool = option(
+        False,
+        doc="matchingnet: full-context embeddings (a bidirectional LSTM over the support set, an attention "
+        "LSTM for the queries; the paper uses them on miniImageNet, not on Omniglot).",
+    )
+    fce_steps: int = option(5, ge=1, doc="matchingnet: attention reads K of the query's full-context embedding.")
 
 
 class RelationNetConfig(ConfigModel):
-    """relationnet settings (filled in by its module)."""
+    blocks: int = option(
+        2,
+        ge=0,
+        doc="relationnet: fully connected layers (filters units, batch norm, ReLU) standing for the paper's two "
+        "conv blocks of the relation module, which have no room to convolve on the backbone's 1x1 feature map.",
+    )
+    hidden: int = option(8, ge=1, doc="relationnet: units of the relation module's last hidden layer (paper: 8).")
 
 
 class SiameseConfig(ConfigModel):
-    """siamese settings (filled in by its module)."""
+    """siamese settings: none (the verifier is a learned weighted L1 distance; its pairs are fixed by the task)."""
 
 
 class MetaSGDConfig(ConfigModel):
