@@ -122,6 +122,7 @@ class FewShotSampler:
                 f"the {self.num_drawings} drawings per class"
             )
         self.within_alphabet = alphabets is not None
+        self.alphabets: list[str] | None = None  # within-alphabet: the sorted alphabet names
         if alphabets is not None:
             self._init_alphabets(list(alphabets))
         # Lookup table, row 4*c*D + k*D + d (rotations) or c*D + d: one gather per batch.
@@ -159,7 +160,7 @@ class FewShotSampler:
             self._alphabet_rows[i, : len(rows[name])] = rows[name]
 
     def __repr__(self) -> str:
-        within = f", alphabets={len(self.alphabets)}" if self.within_alphabet else ""
+        within = f", alphabets={len(self.alphabets)}" if self.alphabets is not None else ""
         return (
             f"FewShotSampler(classes={self.num_classes}, drawings={self.num_drawings}, "
             f"n_way={self.n_way}, k_shot={self.k_shot}, k_query={self.k_query}, "
@@ -197,7 +198,7 @@ class FewShotSampler:
             raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         k_total = self.k_shot + self.k_query
         if self.within_alphabet:
-            alphabet = rng.integers(len(self.alphabets), size=t)  # [T]
+            alphabet = rng.integers(len(self._alphabet_sizes), size=t)  # [T]
             rotation = rng.integers(4, size=t) if self.rotations else np.zeros(t, dtype=np.int64)  # [T]
             sizes = self._alphabet_sizes[alphabet]
             picks = _random_subset_of_prefix(rng, sizes, self._alphabet_rows.shape[1], self.n_way)  # [T, n_way]
