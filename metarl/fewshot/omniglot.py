@@ -5,7 +5,8 @@ same code for training data and user images):
 
 * :class:`Omniglot` reads the official zips (or their extracted folders) straight from a data
   directory, de-duplicates characters by ``(alphabet, character)`` and holds out whole
-  characters with :meth:`Omniglot.split`.
+  characters with :meth:`Omniglot.split`, or whole alphabets with :meth:`Omniglot.split_alphabets`
+  (Lake et al.'s one-shot protocol: evaluation on alphabets never seen in training).
 * :class:`~metarl.fewshot.tasks.FewShotSampler` draws batches of N-way K-shot tasks (:class:`FewShotBatch`) with
   vectorised index arithmetic; with ``rotations=True`` each rotation by 0/90/180/270 degrees of
   a character is a class of its own (MAML protocol, Finn et al. 2017).
@@ -20,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -121,7 +122,8 @@ _CACHE: dict[tuple[str, int], tuple[tuple, Omniglot]] = {}
 
 
 class OmniglotSplits(NamedTuple):
-    """Character-disjoint train/val/test split of an :class:`Omniglot` data set.
+    """Character-disjoint train/val/test split of an :class:`Omniglot` data set (alphabet-disjoint
+    too when made by :meth:`Omniglot.split_alphabets`).
 
     ``train``/``val``/``test`` are image tensors ``[C_split, D, S, S]`` (same dtype as
     :attr:`Omniglot.images`); the ``*_characters`` lists name their characters, row by row.
@@ -167,6 +169,12 @@ class Omniglot:
     def alphabets(self) -> list[str]:
         """Sorted distinct alphabet names."""
         return sorted({a for a, _ in self.characters})
+
+    @property
+    def alphabet_sizes(self) -> dict[str, int]:
+        """Characters per alphabet, in sorted alphabet order."""
+        counts = Counter(a for a, _ in self.characters)
+        return {a: counts[a] for a in sorted(counts)}
 
     def __len__(self) -> int:
         return self.num_characters
@@ -300,9 +308,7 @@ class Omniglot:
             ValueError: negative counts, or ``num_val + num_test >= num_characters`` (train
                 would be empty).
         """
-        for name, value in (("num_val", num_val), ("num_test", num_test)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        _check_split_counts(num_val, num_test)
         c = self.num_characters
         if num_val + num_test >= c:
             raise ValueError(
@@ -313,9 +319,47 @@ class Omniglot:
         test_idx = np.sort(perm[:num_test])
         val_idx = np.sort(perm[num_test : num_test + num_val])
         train_idx = np.sort(perm[num_test + num_val :])
+        return self._take(train_idx, val_idx, test_idx)
+
+    def split_alphabets(self, *, num_val: int, num_test: int, seed: int = 0) -> OmniglotSplits:
+        """Hold out whole alphabets: no alphabet (hence no character) is in two splits.
+
+        A permutation of the sorted alphabet names (:attr:`alphabets`) drawn with
+        ``numpy.random.default_rng(seed)`` puts its first ``num_test`` alphabets in test, the next
+        ``num_val`` in val and the rest in train; each split holds every character of its alphabets,
+        rows in the sorted character order (so an alphabet's characters are adjacent rows).
+
+        Returns:
+            :class:`OmniglotSplits` with image tensors ``[C_split, D, S, S]`` and character names.
+
+        Raises:
+            ValueError: negative counts, or ``num_val + num_test >= num_alphabets`` (train would be
+                empty).
+        """
+        _check_split_counts(num_val, num_test)
+        names = self.alphabets
+        if num_val + num_test >= len(names):
+            raise ValueError(
+                f"num_val={num_val} + num_test={num_test} = {num_val + num_test} alphabets leaves no training "
+                f"alphabet out of {len(names)} ({', '.join(names)}); need num_val + num_test < {len(names)}"
+            )
+        perm = np.random.default_rng(seed).permutation(len(names))
+        split_of = {names[i]: 2 for i in perm[:num_test]}
+        split_of.update({names[i]: 1 for i in perm[num_test : num_test + num_val]})
+        which = np.array([split_of.get(a, 0) for a, _ in self.characters], dtype=np.int64)
+        return self._take(*(np.flatnonzero(which == s) for s in (0, 1, 2)))
+
+    def _take(self, train_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray) -> OmniglotSplits:
+        """The splits made of the given (sorted) character rows."""
 
         def take(idx: np.ndarray) -> tuple[torch.Tensor, list[tuple[str, str]]]:
             return self.images[torch.from_numpy(idx)], [self.characters[i] for i in idx]
 
         (tr, trc), (va, vac), (te, tec) = take(train_idx), take(val_idx), take(test_idx)
         return OmniglotSplits(tr, va, te, trc, vac, tec)
+
+
+def _check_split_counts(num_val: Any, num_test: Any) -> None:
+    for name, value in (("num_val", num_val), ("num_test", num_test)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")

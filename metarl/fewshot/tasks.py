@@ -3,10 +3,18 @@
 Tasks come in batches (:class:`~metarl.fewshot.batch.FewShotBatch`) drawn with vectorised
 index arithmetic; with ``rotations=True`` each rotation by 0/90/180/270 degrees of a character
 is a class of its own (MAML protocol, Finn et al. 2017).
+
+Given each character's alphabet, the sampler draws *within-alphabet* tasks (the one-shot protocol
+of Lake et al. 2015, where a task's characters look alike): per task one alphabet, uniformly among
+the set's alphabets, one rotation k (uniform over 0..3 with ``rotations=True``, else 0) and
+``n_way`` distinct characters of that alphabet, all rotated by k. A rotated alphabet is thus an
+alphabet of its own and a task never mixes orientations (which would make its classes easy to tell
+apart); an alphabet hosts an N-way task when it has at least N characters, rotations or not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +44,20 @@ def _random_prefix(rng: np.random.Generator, shape: tuple[int, ...], n: int, k: 
     return np.take_along_axis(idx, order, axis=-1).astype(np.int64, copy=False)
 
 
+def _random_subset_of_prefix(rng: np.random.Generator, sizes: np.ndarray, width: int, k: int) -> np.ndarray:
+    """Per row i, k distinct values of range(sizes[i]) (every sizes[i] >= k) in uniformly random order.
+
+    Draws one uniform key per position of ``range(width)`` (``rng.random((len(sizes), width))``),
+    excludes the positions >= sizes[i] and keeps the k smallest keys, ordered by key. Returns
+    int64 ``[len(sizes), k]``.
+    """
+    keys = rng.random((len(sizes), width))
+    keys[np.arange(width)[None, :] >= sizes[:, None]] = np.inf
+    idx = np.argpartition(keys, k - 1, axis=-1)[..., :k]
+    order = np.argsort(np.take_along_axis(keys, idx, axis=-1), axis=-1)
+    return np.take_along_axis(idx, order, axis=-1).astype(np.int64, copy=False)
+
+
 class FewShotSampler:
     """N-way K-shot task sampler over ``images [C, D, S, S]`` (C characters x D drawings).
 
@@ -47,6 +69,11 @@ class FewShotSampler:
     or floating point (returned as float32 unchanged). With rotations the sampler keeps a
     table of all four rotations (4x the memory of ``images``; keep ``images`` uint8) so a batch
     is one gather per support/query set.
+
+    ``alphabets`` (one name per character row of ``images``) switches to within-alphabet tasks
+    (module docstring): every task's ``n_way`` classes are characters of one alphabet, at one
+    rotation. Every alphabet given must have at least ``n_way`` characters (``ValueError`` naming
+    those that do not).
     """
 
     def __init__(
@@ -57,6 +84,7 @@ class FewShotSampler:
         k_shot: int,
         k_query: int,
         rotations: bool = True,
+        alphabets: Sequence[str] | None = None,
     ) -> None:
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
@@ -93,6 +121,10 @@ class FewShotSampler:
                 f"k_shot={self.k_shot} + k_query={self.k_query} = {self.k_shot + self.k_query} exceeds "
                 f"the {self.num_drawings} drawings per class"
             )
+        self.within_alphabet = alphabets is not None
+        self.alphabets: list[str] | None = None  # within-alphabet: the sorted alphabet names
+        if alphabets is not None:
+            self._init_alphabets(list(alphabets))
         # Lookup table, row 4*c*D + k*D + d (rotations) or c*D + d: one gather per batch.
         if rotations:
             table = torch.stack([torch.rot90(self.images, r, dims=(-2, -1)) for r in range(4)], dim=1)
@@ -102,11 +134,37 @@ class FewShotSampler:
         self._support_y = torch.arange(self.n_way).repeat_interleave(self.k_shot)
         self._query_y = torch.arange(self.n_way).repeat_interleave(self.k_query)
 
+    def _init_alphabets(self, alphabets: list[str]) -> None:
+        """Group the character rows by alphabet: names, sizes and a padded row table."""
+        if len(alphabets) != self.num_characters or not all(isinstance(a, str) for a in alphabets):
+            raise ValueError(
+                f"alphabets must name the alphabet of each of the {self.num_characters} characters, "
+                f"got {len(alphabets)} entries"
+            )
+        names = sorted(set(alphabets))
+        rows = {name: [] for name in names}
+        for c, name in enumerate(alphabets):
+            rows[name].append(c)
+        small = [f"{name} ({len(rows[name])} characters)" for name in names if len(rows[name]) < self.n_way]
+        if small:
+            note = " (a task keeps one rotation, so rotations add no classes to an alphabet)" if self.rotations else ""
+            raise ValueError(
+                f"n_way={self.n_way} within-alphabet tasks need at least {self.n_way} characters per alphabet; "
+                f"too small: {', '.join(small)}{note}"
+            )
+        self.alphabets = names
+        self._alphabet_sizes = np.array([len(rows[n]) for n in names], dtype=np.int64)
+        width = int(self._alphabet_sizes.max())
+        self._alphabet_rows = np.zeros((len(names), width), dtype=np.int64)  # [A, max size], padded with 0
+        for i, name in enumerate(names):
+            self._alphabet_rows[i, : len(rows[name])] = rows[name]
+
     def __repr__(self) -> str:
+        within = f", alphabets={len(self.alphabets)}" if self.alphabets is not None else ""
         return (
             f"FewShotSampler(classes={self.num_classes}, drawings={self.num_drawings}, "
             f"n_way={self.n_way}, k_shot={self.k_shot}, k_query={self.k_query}, "
-            f"rotations={self.rotations})"
+            f"rotations={self.rotations}{within})"
         )
 
     def _gather(self, rows: np.ndarray) -> torch.Tensor:
@@ -126,8 +184,9 @@ class FewShotSampler:
     def sample(self, num_tasks: int, rng: np.random.Generator) -> FewShotBatch:
         """Draw ``num_tasks`` independent tasks using only ``rng``.
 
-        Per task: ``n_way`` distinct classes labelled 0..n_way-1 in the order drawn, and per
-        class ``k_shot + k_query`` distinct drawings (first k_shot -> support, rest -> query).
+        Per task: ``n_way`` distinct classes labelled 0..n_way-1 in the order drawn (within-alphabet:
+        an alphabet, a rotation, then ``n_way`` distinct characters of it), and per class
+        ``k_shot + k_query`` distinct drawings (first k_shot -> support, rest -> query).
 
         Returns:
             :class:`FewShotBatch` with ``support_x`` float32 ``[T, n_way*k_shot, 1, S, S]``,
@@ -138,7 +197,15 @@ class FewShotSampler:
         if not isinstance(rng, np.random.Generator):
             raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         k_total = self.k_shot + self.k_query
-        classes = _random_prefix(rng, (t,), self.num_classes, self.n_way)  # [T, n_way]
+        if self.within_alphabet:
+            alphabet = rng.integers(len(self._alphabet_sizes), size=t)  # [T]
+            rotation = rng.integers(4, size=t) if self.rotations else np.zeros(t, dtype=np.int64)  # [T]
+            sizes = self._alphabet_sizes[alphabet]
+            picks = _random_subset_of_prefix(rng, sizes, self._alphabet_rows.shape[1], self.n_way)  # [T, n_way]
+            chars = np.take_along_axis(self._alphabet_rows[alphabet], picks, axis=-1)
+            classes = chars * 4 + rotation[:, None] if self.rotations else chars  # [T, n_way]
+        else:
+            classes = _random_prefix(rng, (t,), self.num_classes, self.n_way)  # [T, n_way]
         draws = _random_prefix(rng, (t, self.n_way), self.num_drawings, k_total)  # [T, n_way, K]
         rows = classes[:, :, None] * self.num_drawings + draws
         support_x = self._gather(rows[..., : self.k_shot])

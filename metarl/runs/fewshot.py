@@ -47,7 +47,11 @@ class TaskSource:
 
     Training tasks have the shape ``data.k_shot`` / ``data.k_query``; validation and test tasks
     the evaluation shape (``eval.k_shot`` / ``eval.k_query``). Sinusoid tasks are fresh draws of
-    the same distribution in every split; Omniglot splits hold out whole characters.
+    the same distribution in every split. Omniglot splits hold out whole characters
+    (``omniglot.split: characters``) or whole alphabets (``alphabets``); tasks draw their classes
+    across the split's alphabets or, within-alphabet (``omniglot.within_alphabet`` for val/test,
+    ``omniglot.train_within_alphabet`` for train), from one alphabet per task. For Omniglot
+    ``characters[split]`` names the split's ``(alphabet, character)`` rows.
     """
 
     def __init__(self, cfg: FewShotConfig) -> None:
@@ -63,16 +67,30 @@ class TaskSource:
         self.kind = "classification"
         o = cfg.omniglot
         data = Omniglot.load(o.root, image_size=o.image_size)
+        if o.split == "alphabets":
+            split, counts, keys = data.split_alphabets, (o.num_val_alphabets, o.num_test_alphabets), "alphabets"
+        else:
+            split, counts, keys = data.split, (o.num_val_characters, o.num_test_characters), "characters"
         try:
-            splits = data.split(num_val=o.num_val_characters, num_test=o.num_test_characters, seed=o.split_seed)
+            splits = split(num_val=counts[0], num_test=counts[1], seed=o.split_seed)
         except ValueError as exc:
-            raise RunError(f"omniglot.num_val_characters / num_test_characters: {exc}") from None
-        try:
-            self.train = FewShotSampler(splits.train, n_way=o.n_way, rotations=o.rotations, **train_shape)
-            self.val = FewShotSampler(splits.val, n_way=o.n_way, rotations=o.rotations, **eval_shape)
-            self.test = FewShotSampler(splits.test, n_way=o.n_way, rotations=o.rotations, **eval_shape)
-        except ValueError as exc:
-            raise RunError(f"omniglot task shape does not fit the data: {exc}") from None
+            raise RunError(f"omniglot.num_val_{keys} / num_test_{keys}: {exc}") from None
+        self.characters = {
+            "train": splits.train_characters,
+            "val": splits.val_characters,
+            "test": splits.test_characters,
+        }
+        for name, images, shape, within in (
+            ("train", splits.train, train_shape, o.train_within_alphabet),
+            ("val", splits.val, eval_shape, o.eval_within_alphabet),
+            ("test", splits.test, eval_shape, o.eval_within_alphabet),
+        ):
+            alphabets = [a for a, _ in self.characters[name]] if within else None
+            try:
+                sampler = FewShotSampler(images, n_way=o.n_way, rotations=o.rotations, alphabets=alphabets, **shape)
+            except ValueError as exc:
+                raise RunError(f"omniglot task shape does not fit the data ({name} split): {exc}") from None
+            setattr(self, name, sampler)
 
 
 class FewShotExperiment(Experiment):

@@ -51,14 +51,43 @@ class SinusoidConfig(ConfigModel):
 
 
 class OmniglotConfig(ConfigModel):
+    """Omniglot data, split and task drawing.
+
+    ``split: characters`` holds out whole characters and draws each task's classes across alphabets
+    (MAML's protocol); ``split: alphabets`` holds out whole alphabets and, by default
+    (``within_alphabet: null``), draws every validation and test task from one unseen alphabet
+    (Lake et al.'s one-shot protocol). Training tasks are drawn across the training alphabets unless
+    ``train_within_alphabet``.
+    """
+
     root: str = option("../shared/data/omniglot", doc="Data directory with the Omniglot zips or extracted folders.")
     n_way: int = option(5, ge=2, doc="Classes per task.")
     image_size: int = option(28, ge=8, doc="Images are resized to image_size x image_size.")
     rotations: bool = option(True, doc="Count rotations by 90, 180, 270 degrees as new classes.")
-    num_val_characters: int = option(30, ge=1, doc="Characters held out for meta-validation.")
-    num_test_characters: int = option(50, ge=1, doc="Characters held out for the final evaluation.")
-    split_seed: int = option(0, ge=0, doc="Seed of the fixed character split (independent of the run seed).")
+    split: Literal["characters", "alphabets"] = option(
+        "characters", doc="Hold out whole characters, or whole alphabets (evaluation on alphabets unseen in training)."
+    )
+    num_val_characters: int = option(30, ge=1, doc="split characters: characters held out for meta-validation.")
+    num_test_characters: int = option(50, ge=1, doc="split characters: characters held out for the final evaluation.")
+    num_val_alphabets: int = option(1, ge=1, doc="split alphabets: alphabets held out for meta-validation.")
+    num_test_alphabets: int = option(2, ge=1, doc="split alphabets: alphabets held out for the final evaluation.")
+    split_seed: int = option(
+        0, ge=0, doc="Seed of the fixed character or alphabet split (independent of the run seed)."
+    )
+    within_alphabet: bool | None = option(
+        None,
+        doc="Draw each validation and test task's n_way characters from one alphabet, at one rotation "
+        "(null: true with split alphabets, false with split characters).",
+    )
+    train_within_alphabet: bool = option(
+        False, doc="Draw each training task from one alphabet too (false: across all training alphabets)."
+    )
     filters: int = option(64, ge=1, doc="Filters of each of the 4 conv blocks.")
+
+    @property
+    def eval_within_alphabet(self) -> bool:
+        """Whether validation and test tasks are drawn within one alphabet (``within_alphabet`` resolved)."""
+        return self.split == "alphabets" if self.within_alphabet is None else self.within_alphabet
 
 
 # -- per-method settings (one section per method of agents/; a method reads only its own) ----------
