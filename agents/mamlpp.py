@@ -20,7 +20,8 @@ parameter tensor (LSLR) and its own batch-norm scale and bias ``gamma_s, beta_s`
   the loss before adaptation step 0's. The paper's per-step running statistics (BNRS) do not apply:
   our batch norm always normalises with the batch's own statistics (no running statistics).
 * Cosine annealing of the outer (Adam) learning rate from ``outer.lr`` to ``min_outer_lr`` over
-  ``num_iterations`` (``torch.optim.lr_scheduler.CosineAnnealingLR``).
+  ``num_iterations`` (``torch.optim.lr_scheduler.CosineAnnealingLR``, checkpointed; a run resumed
+  with a larger ``num_iterations`` continues on the cosine of the new length).
 
 Evaluation and prediction (``adaptation_curve``, ``adapt_task``, ``task_outputs``) adapt with the
 learned per-step learning rates and batch-norm sets, whatever ``eval.lr`` would say (it must be
@@ -31,6 +32,7 @@ batch-norm sets are a module of the learner (on the model's device), checkpointe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -229,7 +231,13 @@ class MAMLPlusPlus(MAML):
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:
+            num_iterations = self.scheduler.T_max
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.scheduler.T_max != num_iterations:  # a run resumed with a new num_iterations: anneal over it
+                self.scheduler.T_max = num_iterations
+                t, low = self.scheduler.last_epoch, self.scheduler.eta_min
+                for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                    group["lr"] = low + (base - low) * (1 + math.cos(math.pi * t / num_iterations)) / 2
 
 
 @register("mamlpp", family="fewshot")

@@ -243,12 +243,28 @@ def test_state_round_trip_and_config_errors(tmp_path, capsys):
     learner = _learner(model, num_iterations=8)
     for it in range(3):
         learner.step(_sine_tasks(seed=it), it)
-    fresh = _learner(copy.deepcopy(model), num_iterations=8)
-    fresh.load_state_dict(learner.state_dict())
+    twin = copy.deepcopy(model)
+    fresh = _learner(twin, num_iterations=8)
+    fresh.load_state_dict(copy.deepcopy(learner.state_dict()))
     for (k, a), b in zip(learner.modules.state_dict().items(), fresh.modules.state_dict().values()):
         assert torch.equal(a, b), k
     assert fresh.scheduler.last_epoch == 3
     assert fresh.optimizer.param_groups[0]["lr"] == learner.optimizer.param_groups[0]["lr"]
+    for it in range(3, 6):  # a resumed learner continues exactly as the uninterrupted one
+        assert learner.step(_sine_tasks(seed=it), it) == fresh.step(_sine_tasks(seed=it), it)
+    for a, b in zip(
+        [*model.parameters(), *learner.modules.parameters()], [*twin.parameters(), *fresh.modules.parameters()]
+    ):
+        assert torch.equal(a, b)
+    # resumed with a longer run: the cosine of the new length, at the same iteration
+    longer = _learner(copy.deepcopy(model), num_iterations=20)
+    longer.load_state_dict(copy.deepcopy(learner.state_dict()))
+    expected = 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * 6 / 20)) / 2
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert longer.step(_sine_tasks(), 6)["outer_lr"] == pytest.approx(expected, rel=1e-12)
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * 7 / 20)) / 2, rel=1e-9
+    )
 
     from metarl.app.cli import main
 
