@@ -4,4 +4,18 @@ Importing this package registers them all (:func:`metarl.core.learner.register`)
 and models they train are in :mod:`agents.policies` and :mod:`agents.models`.
 """
 
-from agents import maml, maml_trpo, matchingnet, pearl, pretrain, promp, protonet, relationnet, reptile, rl2, siamese  # noqa: F401  (registration)
+from agents import (  # noqa: F401  (registration)
+    anil,
+    maml,
+    maml_trpo,
+    mamlpp,
+    matchingnet,
+    pearl,
+    pretrain,
+    promp,
+    protonet,
+    relationnet,
+    reptile,
+    rl2,
+    siamese,
+)

@@ -13,13 +13,13 @@ MAML with a trust-region outer step is :mod:`agents.maml_trpo`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from metarl.core.functional import Params, inner_lrs, params_of
+from metarl.core.functional import Params, StepLR, inner_lrs, params_of
 from metarl.core.learner import Learner, register
 from metarl.core.metalearning import batch_objective
 
@@ -36,8 +36,9 @@ class MAML(Learner):
         model: the meta-model (``theta``; updated in place by :meth:`step`).
         objective: a per-task few-shot objective (mapped over tasks, ``batched`` selecting vmap
             or a loop) or a meta-batch objective such as the RL family's.
-        inner_lrs: inner learning rate of each inner step.
+        inner_lrs: inner learning rate of each inner step (a float, or one per parameter name).
         outer_lr: Adam learning rate (``None``: no Adam, for subclasses with their own outer step).
+        adapted: the parameters the inner loop moves (None: all; ANIL: the head's), few-shot only.
     """
 
     def __init__(
@@ -45,13 +46,14 @@ class MAML(Learner):
         model: nn.Module,
         objective: Any,
         *,
-        inner_lrs: Sequence[float],
+        inner_lrs: Sequence[StepLR],
         outer_lr: float | None = 1e-3,
         first_order: bool = False,
         batched: bool = True,
+        adapted: Collection[str] | None = None,
     ) -> None:
         self.model = model
-        self.objective = batch_objective(objective, batched=batched)
+        self.objective = batch_objective(objective, batched=batched, adapted=adapted)
         self.inner_lrs = list(inner_lrs)
         self.first_order = first_order
         self.batched = batched

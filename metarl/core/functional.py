@@ -8,7 +8,7 @@ tasks of a meta-batch, and under an outer ``torch.autograd`` graph (second-order
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -47,29 +47,49 @@ def inner_lrs(lr: float | Sequence[float], steps: int) -> list[float]:
     return [lrs[min(i, len(lrs) - 1)] for i in range(steps)]
 
 
-def sgd_step(params: Params, grads: Mapping[str, torch.Tensor], lr: float) -> Params:
-    """One gradient step: a new dict ``{name: p - lr * g}``."""
-    return {name: p - lr * grads[name] for name, p in params.items()}
+#: An inner step's learning rate: one for every parameter, or one per parameter name (a float or a
+#: 0-dim tensor, e.g. a meta-learned one that receives gradients).
+StepLR = float | torch.Tensor | Mapping[str, float | torch.Tensor]
+
+
+def sgd_step(params: Params, grads: Mapping[str, torch.Tensor], lr: StepLR) -> Params:
+    """One gradient step: a new dict ``{name: p - lr * g}`` (``lr[name]`` for a per-name mapping).
+
+    Entries without a gradient in ``grads`` are carried over unchanged.
+    """
+    out = dict(params)
+    for name, g in grads.items():
+        out[name] = params[name] - (lr[name] if isinstance(lr, Mapping) else lr) * g
+    return out
 
 
 def adapt(
     loss: StepLoss,
     params: Params,
     *,
-    lrs: Sequence[float],
+    lrs: Sequence[StepLR],
     first_order: bool = False,
+    adapted: Collection[str] | None = None,
 ) -> Params:
     """Take ``len(lrs)`` gradient steps on ``loss`` from ``params`` and return the adapted dict.
 
     With ``first_order=False`` the result stays differentiable through every step (MAML's
     second-order meta-gradient). With ``first_order=True`` each step's gradient is treated as a
     constant, so ``d phi / d theta`` is the identity (FOMAML, and Reptile's inner loop).
+    ``adapted`` names the entries that the steps move (None: all); the others are held fixed
+    (still in the outer graph) and no inner gradient is taken for them (ANIL's head-only loop).
     Works unbatched, inside ``torch.func.vmap``, and under ``torch.no_grad`` (the inner
     gradients are still taken; only the outer graph is skipped).
     """
     params = dict(params)  # a new dict even for zero steps
+    names = list(params) if adapted is None else [n for n in params if n in adapted]
     for step, lr in enumerate(lrs):
-        grads = grad(loss)(params, step)
+        fixed = {n: v for n, v in params.items() if n not in names}
+
+        def moved_loss(moved: Params, step: int, fixed: Params = fixed) -> torch.Tensor:
+            return loss({**fixed, **moved}, step)
+
+        grads = grad(moved_loss)({n: params[n] for n in names}, step)
         if first_order:
             grads = {name: g.detach() for name, g in grads.items()}
         params = sgd_step(params, grads, lr)

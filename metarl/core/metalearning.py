@@ -13,7 +13,7 @@ for models or objectives that vmap cannot handle).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -58,11 +58,18 @@ def linear_anneal(start: float, end: float, iteration: int, num_iterations: int)
 
 
 class TaskwiseObjective:
-    """A per-task :class:`MetaObjective` over a meta-batch ``[T, ...]`` (vmap or a per-task loop)."""
+    """A per-task :class:`MetaObjective` over a meta-batch ``[T, ...]`` (vmap or a per-task loop).
 
-    def __init__(self, objective: MetaObjective, *, batched: bool = True) -> None:
+    ``adapted`` names the parameters the inner loop moves (None: all of them; ANIL: the head's);
+    the others keep ``theta``'s values in every task.
+    """
+
+    def __init__(
+        self, objective: MetaObjective, *, batched: bool = True, adapted: Collection[str] | None = None
+    ) -> None:
         self.objective = objective
         self.batched = batched
+        self.adapted = None if adapted is None else frozenset(adapted)
 
     def adapt_one(self, params: Params, task: Any, *, lrs: Sequence[float], first_order: bool) -> Params:
         """Adapted parameters of one task (a new dict; the model is untouched)."""
@@ -70,7 +77,7 @@ class TaskwiseObjective:
         def support(p: Params, step: int) -> torch.Tensor:
             return self.objective.support_loss(p, task, step)
 
-        return adapt(support, params, lrs=lrs, first_order=first_order)
+        return adapt(support, params, lrs=lrs, first_order=first_order, adapted=self.adapted)
 
     def adapt_scored(
         self, params: Params, task: Any, *, lrs: Sequence[float], first_order: bool
@@ -130,6 +137,7 @@ class TaskwiseObjective:
                     p,
                     lrs=[lr],
                     first_order=True,
+                    adapted=self.adapted,
                 )
                 rows.append(self.objective.query_metrics(p, task))
             return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
@@ -138,7 +146,14 @@ class TaskwiseObjective:
             return map_tasks(curve, params, tasks, batched=self.batched)
 
 
-def batch_objective(objective: Any, *, batched: bool = True) -> Any:
+def batch_objective(objective: Any, *, batched: bool = True, adapted: Collection[str] | None = None) -> Any:
     """``objective`` as a meta-batch objective: one with ``meta_loss`` (such as the RL family's)
-    is returned as is; a per-task :class:`MetaObjective` is wrapped in :class:`TaskwiseObjective`."""
-    return objective if hasattr(objective, "meta_loss") else TaskwiseObjective(objective, batched=batched)
+    is returned as is; a per-task :class:`MetaObjective` is wrapped in :class:`TaskwiseObjective`
+    (``adapted``: the parameters its inner loop moves, None for all)."""
+    if hasattr(objective, "meta_loss"):
+        if adapted is not None:
+            raise ValueError(
+                "adapting only some parameters needs a per-task objective (few-shot), not a meta-batch one"
+            )
+        return objective
+    return TaskwiseObjective(objective, batched=batched, adapted=adapted)

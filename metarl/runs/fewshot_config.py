@@ -129,11 +129,26 @@ class MetaLSTMConfig(ConfigModel):
 
 
 class MAMLPPConfig(ConfigModel):
-    """mamlpp settings (filled in by its module)."""
+    """mamlpp settings (inner.steps, inner.lr and outer.lr as maml's; inner.lr initialises the learned rates)."""
+
+    msl_iterations: int = option(
+        5000,
+        ge=0,
+        doc="mamlpp: iterations over which the multi-step loss weights move from uniform to the last step "
+        "(the paper's 10 epochs of 500 iterations); only the last step's loss after them.",
+    )
+    first_order_iterations: int = option(
+        25000,
+        ge=0,
+        doc="mamlpp: iterations with first-order meta-gradients, second order after (the paper's 50 epochs).",
+    )
+    min_outer_lr: float = option(
+        1e-5, ge=0, doc="mamlpp: the outer learning rate is cosine-annealed from outer.lr to this over num_iterations."
+    )
 
 
 class ANILConfig(ConfigModel):
-    """anil settings (filled in by its module)."""
+    """anil has no settings of its own: inner.steps, inner.lr (the head's) and outer.lr as maml's."""
 
 
 class IMAMLConfig(ConfigModel):
@@ -200,8 +215,14 @@ class FewShotConfig(ConfigModel):
     def check_inner_steps(self) -> FewShotConfig:
         if self.algorithm == "reptile" and self.inner.steps < 1:
             raise field_error("", "inner.steps", "reptile needs at least 1 inner step")
-        if self.algorithm in ("maml", "fomaml") and self.inner.steps < 1:
+        if self.algorithm in ("maml", "fomaml", "mamlpp", "anil") and self.inner.steps < 1:
             raise field_error("", "inner.steps", f"{self.algorithm} needs at least 1 inner step")
+        if self.algorithm == "mamlpp" and self.eval.lr is not None:
+            raise field_error(
+                "",
+                "eval.lr",
+                f"mamlpp evaluates with its learned per-step learning rates; leave it null, got {self.eval.lr}",
+            )
         if self.algorithm in CLASSIFICATION_ONLY and self.family != "omniglot":
             raise field_error("", "algorithm", f"{self.algorithm} classifies images; use it with family omniglot")
         return self
