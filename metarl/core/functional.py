@@ -17,6 +17,9 @@ from torch.func import functional_call, grad
 Params = dict[str, torch.Tensor]
 # loss(params, step) -> scalar tensor; `step` lets a caller use fresh data for each inner step.
 StepLoss = Callable[[Params, int], torch.Tensor]
+# The learning rate of one inner step: one number for every parameter, or a tensor per parameter
+# (broadcast against it; Meta-SGD's learned per-coordinate learning rates).
+LR = float | Mapping[str, torch.Tensor]
 
 
 def params_of(module: nn.Module) -> Params:
@@ -47,8 +50,11 @@ def inner_lrs(lr: float | Sequence[float], steps: int) -> list[float]:
     return [lrs[min(i, len(lrs) - 1)] for i in range(steps)]
 
 
-def sgd_step(params: Params, grads: Mapping[str, torch.Tensor], lr: float) -> Params:
-    """One gradient step: a new dict ``{name: p - lr * g}``."""
+def sgd_step(params: Params, grads: Mapping[str, torch.Tensor], lr: LR) -> Params:
+    """One gradient step: a new dict ``{name: p - lr * g}``; ``lr`` a number, or a dict of
+    tensors ``{name: lr_name}`` (each broadcast against its parameter: ``p - lr[name] * g``)."""
+    if isinstance(lr, Mapping):
+        return {name: p - lr[name] * grads[name] for name, p in params.items()}
     return {name: p - lr * grads[name] for name, p in params.items()}
 
 
@@ -56,10 +62,14 @@ def adapt(
     loss: StepLoss,
     params: Params,
     *,
-    lrs: Sequence[float],
+    lrs: Sequence[LR],
     first_order: bool = False,
 ) -> Params:
     """Take ``len(lrs)`` gradient steps on ``loss`` from ``params`` and return the adapted dict.
+
+    Each entry of ``lrs`` is one step's learning rate: a number, or per-parameter tensors
+    ``{name: lr}`` (see :func:`sgd_step`), which stay in the outer graph (their gradient is taken
+    through the adapted parameters, as for Meta-SGD's learned learning rates).
 
     With ``first_order=False`` the result stays differentiable through every step (MAML's
     second-order meta-gradient). With ``first_order=True`` each step's gradient is treated as a
