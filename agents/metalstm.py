@@ -22,12 +22,15 @@ As in the paper, second derivatives are dropped: ``grad_t`` and ``L_t`` are inpu
 a detached ``c_{t-1}`` (no gradient flows through the learner's gradients), while ``c_t``
 depends on ``c_{t-1}`` through ``f_t * c_{t-1}`` and the gates.
 
-Initialisation as the paper: the forget-gate bias high (uniform in [4, 6]: ``f`` near 1) and the
-input-gate bias low (uniform in [-5, -4]: ``i`` near 0.01), gate weights uniform in +-0.01.
+Initialisation as the paper (ranges from the authors' released code): the forget-gate bias high
+(uniform in [4, 5]: ``f`` near 1) and the input-gate bias low (uniform in [-5, -4]: ``i`` near
+0.01), so the learner starts as SGD with a small step; every other weight uniform in +-0.01.
 Batch norm: batch statistics everywhere during meta-training; at evaluation (and in
 :class:`~metarl.app.classifier.FewShotClassifier`) the query images are normalised with the
-statistics of the support set only (``metalstm.test_bn: support``, the paper's meta-test rule),
-or with their own batch's (``batch``, as MAML).
+statistics of the support set only (``metalstm.test_bn: support``: the paper keeps running
+averages of the support batches' statistics during the updates and uses them for the test set;
+here the support set's statistics at the final parameters), or with their own batch's (``batch``,
+as MAML).
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class MetaLearnerLSTM(nn.Module):
         hidden: width ``H`` of the first (standard) LSTM layer.
         p: the preprocessing constant.
         forget_bias / input_bias: ``[low, high]`` of the uniform initialisation of ``b_F`` / ``b_I``.
-        weight_init: ``W_F`` and ``W_I`` start uniform in ``[-weight_init, weight_init]``.
+        weight_init: every weight (the LSTM's, ``W_F``, ``W_I``) and the LSTM's biases start
+            uniform in ``[-weight_init, weight_init]``.
     """
 
     def __init__(
@@ -72,7 +76,7 @@ class MetaLearnerLSTM(nn.Module):
         hidden: int = 20,
         *,
         p: float = 10.0,
-        forget_bias: tuple[float, float] = (4.0, 6.0),
+        forget_bias: tuple[float, float] = (4.0, 5.0),
         input_bias: tuple[float, float] = (-5.0, -4.0),
         weight_init: float = 0.01,
     ) -> None:
@@ -82,9 +86,10 @@ class MetaLearnerLSTM(nn.Module):
         self.forget = nn.Linear(hidden + 2, 1)  # W_F, b_F over [h_t, c_{t-1}, f_{t-1}]
         self.input = nn.Linear(hidden + 2, 1)  # W_I, b_I over [h_t, c_{t-1}, i_{t-1}]
         with torch.no_grad():
-            for gate, (low, high) in ((self.forget, forget_bias), (self.input, input_bias)):
-                gate.weight.uniform_(-weight_init, weight_init)
-                gate.bias.uniform_(low, high)
+            for p in self.parameters():
+                p.uniform_(-weight_init, weight_init)
+            self.forget.bias.uniform_(*forget_bias)
+            self.input.bias.uniform_(*input_bias)
 
     def initial_state(self, c0: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(h, cell, f, i)`` before the first update: zeros ``[N, H]``, ``[N, H]``, ``[N]``, ``[N]``."""
@@ -276,7 +281,7 @@ def build(cfg: Any, model: nn.Module, objective: Any) -> MetaLSTM:
         p=c.preprocess_p,
         forget_bias=tuple(c.forget_bias),
         input_bias=tuple(c.input_bias),
-        weight_init=c.gate_weight_init,
+        weight_init=c.weight_init,
     )
     return MetaLSTM(
         model,

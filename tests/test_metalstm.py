@@ -184,7 +184,7 @@ def test_metalstm_run_trains_evaluates_and_classifies(tmp_path):
     assert main(["evaluate", str(run), "--num-tasks", "50"]) == 0
     result = json.loads((run / "eval.json").read_text())
     assert result["metric"] == "accuracy" and len(result["steps"]) == 6
-    assert result["mean"][-1] > result["mean"][0] + 0.05  # the LSTM's updates help (measured 0.19 -> 0.30)
+    assert result["mean"][-1] > result["mean"][0] + 0.05  # the LSTM's updates help (measured 0.17 -> 0.27)
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     clf = FewShotClassifier.from_run(run)
     for name, value in clf.learner.meta.state_dict().items():

@@ -104,13 +104,15 @@ class MetaLSTMConfig(ConfigModel):
         10.0, gt=0, doc="metalstm: p of the gradient and loss preprocessing (Andrychowicz et al. 2016: 10)."
     )
     forget_bias: tuple[float, float] = option(
-        (4.0, 6.0), doc="metalstm: [low, high] of the uniform initial forget-gate bias (high: forget gate near 1)."
+        (4.0, 5.0), doc="metalstm: [low, high] of the uniform initial forget-gate bias (high: forget gate near 1)."
     )
     input_bias: tuple[float, float] = option(
         (-5.0, -4.0), doc="metalstm: [low, high] of the uniform initial input-gate bias (low: small learning rates)."
     )
-    gate_weight_init: float = option(
-        0.01, ge=0, doc="metalstm: the gates' weights start uniform in [-gate_weight_init, gate_weight_init]."
+    weight_init: float = option(
+        0.01,
+        ge=0,
+        doc="metalstm: every other meta-learner weight and bias starts uniform in [-weight_init, weight_init].",
     )
     grad_clip: float = option(0.25, ge=0, doc="metalstm: clip the meta-gradient's global norm to this (0: no clip).")
     test_bn: Literal["support", "batch"] = option(
