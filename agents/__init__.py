@@ -10,6 +10,8 @@ from agents import (  # noqa: F401  (registration)
     maml_trpo,
     mamlpp,
     matchingnet,
+    metalstm,
+    metasgd,
     pearl,
     pretrain,
     promp,

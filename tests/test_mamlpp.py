@@ -269,7 +269,7 @@ def test_state_round_trip_and_config_errors(tmp_path, capsys):
     from metarl.app.cli import main
 
     assert main(["train", "experiments/sinusoid/mamlpp.yaml", "eval.lr=0.1", "--run-dir", str(tmp_path / "r")]) == 2
-    assert "eval.lr: mamlpp evaluates with its learned per-step learning rates" in capsys.readouterr().err
+    assert "eval.lr: mamlpp learns its inner updates; eval.lr does not apply" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"Omniglot data not found at {DATA}")

@@ -47,8 +47,9 @@ def inner_lrs(lr: float | Sequence[float], steps: int) -> list[float]:
     return [lrs[min(i, len(lrs) - 1)] for i in range(steps)]
 
 
-#: An inner step's learning rate: one for every parameter, or one per parameter name (a float or a
-#: 0-dim tensor, e.g. a meta-learned one that receives gradients).
+#: An inner step's learning rate: one for every parameter, or one per parameter name: a float, a
+#: 0-dim tensor (MAML++'s learned per-layer rates) or a tensor of the parameter's shape (Meta-SGD's
+#: per-coordinate rates), broadcast against the parameter.
 StepLR = float | torch.Tensor | Mapping[str, float | torch.Tensor]
 
 
@@ -72,6 +73,10 @@ def adapt(
     adapted: Collection[str] | None = None,
 ) -> Params:
     """Take ``len(lrs)`` gradient steps on ``loss`` from ``params`` and return the adapted dict.
+
+    Each entry of ``lrs`` is one step's learning rate: a number, or per-parameter tensors
+    ``{name: lr}`` (see :func:`sgd_step`), which stay in the outer graph (their gradient is taken
+    through the adapted parameters, as for Meta-SGD's learned learning rates).
 
     With ``first_order=False`` the result stays differentiable through every step (MAML's
     second-order meta-gradient). With ``first_order=True`` each step's gradient is treated as a

@@ -121,11 +121,53 @@ class SiameseConfig(ConfigModel):
 
 
 class MetaSGDConfig(ConfigModel):
-    """metasgd settings (filled in by its module)."""
+    alpha_init: Literal["inner_lr", "uniform"] = option(
+        "inner_lr",
+        doc="metasgd: start of the learned per-coordinate learning rates: inner.lr everywhere, or uniform in "
+        "alpha_range (the paper's).",
+    )
+    alpha_range: tuple[float, float] = option(
+        (0.005, 0.1), gt=0, doc="metasgd: [low, high] of the uniform initialisation (the paper's [0.005, 0.1])."
+    )
+
+    @model_validator(mode="after")
+    def check_range(self) -> MetaSGDConfig:
+        lo, hi = self.alpha_range
+        if lo > hi:
+            raise field_error("", "alpha_range", f"must be [low, high] with low <= high, got {[lo, hi]}")
+        return self
 
 
 class MetaLSTMConfig(ConfigModel):
-    """metalstm settings (filled in by its module)."""
+    hidden: int = option(20, ge=1, doc="metalstm: width of the first (standard) LSTM layer (the paper's 20).")
+    preprocess_p: float = option(
+        10.0, gt=0, doc="metalstm: p of the gradient and loss preprocessing (Andrychowicz et al. 2016: 10)."
+    )
+    forget_bias: tuple[float, float] = option(
+        (4.0, 5.0), doc="metalstm: [low, high] of the uniform initial forget-gate bias (high: forget gate near 1)."
+    )
+    input_bias: tuple[float, float] = option(
+        (-5.0, -4.0), doc="metalstm: [low, high] of the uniform initial input-gate bias (low: small learning rates)."
+    )
+    weight_init: float = option(
+        0.01,
+        ge=0,
+        doc="metalstm: every other meta-learner weight and bias starts uniform in [-weight_init, weight_init].",
+    )
+    grad_clip: float = option(0.25, ge=0, doc="metalstm: clip the meta-gradient's global norm to this (0: no clip).")
+    test_bn: Literal["support", "batch"] = option(
+        "support",
+        doc="metalstm: batch norm of query images at evaluation: the support set's statistics (the paper's) or "
+        "their own batch's (as MAML).",
+    )
+
+    @model_validator(mode="after")
+    def check_ranges(self) -> MetaLSTMConfig:
+        for name in ("forget_bias", "input_bias"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise field_error("", name, f"must be [low, high] with low <= high, got {[lo, hi]}")
+        return self
 
 
 class MAMLPPConfig(ConfigModel):
@@ -158,6 +200,9 @@ class IMAMLConfig(ConfigModel):
 class R2D2Config(ConfigModel):
     """r2d2 settings (filled in by its module)."""
 
+
+#: Methods whose inner update is learned (the evaluation takes eval.steps of it; eval.lr does not apply).
+LEARNED_UPDATES = ("metasgd", "metalstm", "mamlpp")
 
 #: Methods that only classify (no regression head or loss): refused on the sinusoid family.
 CLASSIFICATION_ONLY = ("protonet", "matchingnet", "relationnet", "siamese", "r2d2")
@@ -215,14 +260,14 @@ class FewShotConfig(ConfigModel):
     def check_inner_steps(self) -> FewShotConfig:
         if self.algorithm == "reptile" and self.inner.steps < 1:
             raise field_error("", "inner.steps", "reptile needs at least 1 inner step")
-        if self.algorithm in ("maml", "fomaml", "mamlpp", "anil") and self.inner.steps < 1:
+        if self.algorithm in ("maml", "fomaml", "mamlpp", "anil", "metasgd", "metalstm") and self.inner.steps < 1:
             raise field_error("", "inner.steps", f"{self.algorithm} needs at least 1 inner step")
-        if self.algorithm == "mamlpp" and self.eval.lr is not None:
+        if self.algorithm in LEARNED_UPDATES and self.eval.lr is not None:
             raise field_error(
-                "",
-                "eval.lr",
-                f"mamlpp evaluates with its learned per-step learning rates; leave it null, got {self.eval.lr}",
+                "", "eval.lr", f"{self.algorithm} learns its inner updates; eval.lr does not apply (set it to null)"
             )
+        if self.algorithm == "metasgd" and isinstance(self.inner.lr, list):
+            raise field_error("", "inner.lr", f"{self.algorithm} takes one inner.lr, got the list {self.inner.lr}")
         if self.algorithm in CLASSIFICATION_ONLY and self.family != "omniglot":
             raise field_error("", "algorithm", f"{self.algorithm} classifies images; use it with family omniglot")
         return self
