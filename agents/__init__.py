@@ -4,4 +4,4 @@ Importing this package registers them all (:func:`metarl.core.learner.register`)
 and models they train are in :mod:`agents.policies` and :mod:`agents.models`.
 """
 
-from agents import maml, maml_trpo, pearl, pretrain, promp, protonet, reptile, rl2  # noqa: F401  (registration)
+from agents import imaml, maml, maml_trpo, pearl, pretrain, promp, protonet, r2d2, reptile, rl2  # noqa: F401  (registration)
