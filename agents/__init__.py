@@ -6,6 +6,7 @@ and models they train are in :mod:`agents.policies` and :mod:`agents.models`.
 
 from agents import (  # noqa: F401  (registration)
     anil,
+    imaml,
     maml,
     maml_trpo,
     mamlpp,
@@ -16,6 +17,7 @@ from agents import (  # noqa: F401  (registration)
     pretrain,
     promp,
     protonet,
+    r2d2,
     relationnet,
     reptile,
     rl2,

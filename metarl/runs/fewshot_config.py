@@ -194,11 +194,31 @@ class ANILConfig(ConfigModel):
 
 
 class IMAMLConfig(ConfigModel):
-    """imaml settings (filled in by its module)."""
+    lam: float = option(
+        2.0,
+        gt=0,
+        doc="imaml: lambda of the proximal inner problem L_support(phi) + lambda/2 ||phi - theta||^2 "
+        "(the paper: 2.0 on Omniglot).",
+    )
+    cg_steps: int = option(
+        5, ge=1, doc="imaml: conjugate-gradient iterations of each task's meta-gradient (the paper: 5)."
+    )
+    cg_damping: float = option(
+        0.0, ge=0, doc="imaml: extra damping d of the CG matrix (1 + d) I + H / lambda (0: the paper's I + H / lambda)."
+    )
+    eval_lam: float | None = option(
+        None,
+        ge=0,
+        doc="imaml: lambda of the proximal steps at evaluation and prediction (null: lam; 0: plain fine-tuning).",
+    )
 
 
 class R2D2Config(ConfigModel):
-    """r2d2 settings (filled in by its module)."""
+    init_lambda: float = option(
+        1.0, gt=0, doc="r2d2: initial ridge regularisation lambda (learned, as exp of its log)."
+    )
+    init_alpha: float = option(1.0, doc="r2d2: initial scale alpha of the ridge outputs (learned).")
+    init_beta: float = option(0.0, doc="r2d2: initial offset beta of the ridge outputs (learned).")
 
 
 #: Methods whose inner update is learned (the evaluation takes eval.steps of it; eval.lr does not apply).
@@ -260,7 +280,7 @@ class FewShotConfig(ConfigModel):
     def check_inner_steps(self) -> FewShotConfig:
         if self.algorithm == "reptile" and self.inner.steps < 1:
             raise field_error("", "inner.steps", "reptile needs at least 1 inner step")
-        if self.algorithm in ("maml", "fomaml", "mamlpp", "anil", "metasgd", "metalstm") and self.inner.steps < 1:
+        if self.algorithm in ("maml", "fomaml", "mamlpp", "anil", "metasgd", "metalstm", "imaml") and self.inner.steps < 1:
             raise field_error("", "inner.steps", f"{self.algorithm} needs at least 1 inner step")
         if self.algorithm in LEARNED_UPDATES and self.eval.lr is not None:
             raise field_error(
@@ -268,6 +288,10 @@ class FewShotConfig(ConfigModel):
             )
         if self.algorithm == "metasgd" and isinstance(self.inner.lr, list):
             raise field_error("", "inner.lr", f"{self.algorithm} takes one inner.lr, got the list {self.inner.lr}")
+        if self.algorithm == "imaml" and self.inner.batch_size is not None:
+            raise field_error(
+                "", "inner.batch_size", "imaml solves the proximal problem of the whole support set; leave it null"
+            )
         if self.algorithm in CLASSIFICATION_ONLY and self.family != "omniglot":
             raise field_error("", "algorithm", f"{self.algorithm} classifies images; use it with family omniglot")
         return self
