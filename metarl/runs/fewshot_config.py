@@ -221,6 +221,9 @@ class R2D2Config(ConfigModel):
     init_beta: float = option(0.0, doc="r2d2: initial offset beta of the ridge outputs (learned).")
 
 
+#: Methods that adapt by inner steps in training (at least one is needed).
+INNER_LOOP = ("maml", "fomaml", "reptile", "mamlpp", "anil", "metasgd", "metalstm", "imaml")
+
 #: Methods whose inner update is learned (the evaluation takes eval.steps of it; eval.lr does not apply).
 LEARNED_UPDATES = ("metasgd", "metalstm", "mamlpp")
 
@@ -278,9 +281,7 @@ class FewShotConfig(ConfigModel):
 
     @model_validator(mode="after")
     def check_inner_steps(self) -> FewShotConfig:
-        if self.algorithm == "reptile" and self.inner.steps < 1:
-            raise field_error("", "inner.steps", "reptile needs at least 1 inner step")
-        if self.algorithm in ("maml", "fomaml", "mamlpp", "anil", "metasgd", "metalstm", "imaml") and self.inner.steps < 1:
+        if self.algorithm in INNER_LOOP and self.inner.steps < 1:
             raise field_error("", "inner.steps", f"{self.algorithm} needs at least 1 inner step")
         if self.algorithm in LEARNED_UPDATES and self.eval.lr is not None:
             raise field_error(
