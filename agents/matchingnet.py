@@ -20,8 +20,9 @@ The LSTM's hidden state ``[h, r]`` acting on the gates is written as a cell whos
 ``[f'(q), r]`` and whose hidden state is ``h`` (the same affine map of ``f'(q)``, ``h``, ``r``).
 The paper does not give K for its experiments; ``fce_steps`` defaults to 5. The bidirectional
 LSTM reads the support set in its class-major order (the paper leaves the order open). The
-LSTM cells are written out with ``nn.Linear`` because ``torch.func.vmap`` (``batched: true``) has
-no batching rule for PyTorch's fused LSTM kernels. They are ``self.modules``: one Adam updates
+LSTM cells are ``nn.LSTMCell`` modules stepped by :func:`agents.models.lstm_step` (their equations
+written out) because ``torch.func.vmap`` (``batched: true``) has no batching rule for PyTorch's
+fused LSTM kernels. They are ``self.modules``: one Adam updates
 them with the backbone, and checkpoints keep them.
 """
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agents.models import lstm_step
 from metarl.core.functional import Params
 from metarl.core.learner import register
 from metarl.fewshot.metric import MetricLearner, embed, one_hot
@@ -49,29 +51,14 @@ def matching_probs(query: torch.Tensor, support: torch.Tensor, support_y: torch.
     return matching_attention(query, support) @ one_hot(support_y, n_way, query.dtype)
 
 
-class LSTMCell(nn.Module):
-    """One LSTM step, ``(x [..., in], (h, c) [..., hidden]) -> (h, c)``, with gates in the order i, f, g, o."""
-
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.input = nn.Linear(input_size, 4 * hidden_size)
-        self.hidden = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        h, c = state
-        i, f, g, o = (self.input(x) + self.hidden(h)).chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-
-
 class FullContextEmbedding(nn.Module):
     """The paper's full-context embeddings ``g(x_i, S)`` and ``f(q, S)`` of backbone embeddings of size ``dim``."""
 
     def __init__(self, dim: int, steps: int) -> None:
         super().__init__()
-        self.forward_lstm = LSTMCell(dim, dim)
-        self.backward_lstm = LSTMCell(dim, dim)
-        self.attention_lstm = LSTMCell(2 * dim, dim)
+        self.forward_lstm = nn.LSTMCell(dim, dim)
+        self.backward_lstm = nn.LSTMCell(dim, dim)
+        self.attention_lstm = nn.LSTMCell(2 * dim, dim)
         self.steps = steps
 
     def support(self, g: torch.Tensor) -> torch.Tensor:
@@ -79,11 +66,11 @@ class FullContextEmbedding(nn.Module):
         zero = g.new_zeros(g.shape[-1])
         state, forward = (zero, zero), []
         for x in g:
-            state = self.forward_lstm(x, state)
+            state = lstm_step(self.forward_lstm, x, state)
             forward.append(state[0])
         state, backward = (zero, zero), []
         for x in g.flip(0):
-            state = self.backward_lstm(x, state)
+            state = lstm_step(self.backward_lstm, x, state)
             backward.append(state[0])
         return g + torch.stack(forward) + torch.stack(backward[::-1])
 
@@ -93,7 +80,7 @@ class FullContextEmbedding(nn.Module):
         h, c = f, torch.zeros_like(f)
         for _ in range(self.steps):
             r = torch.softmax(h @ g.T, dim=-1) @ g
-            h_hat, c = self.attention_lstm(torch.cat([f, r], dim=-1), (h, c))
+            h_hat, c = lstm_step(self.attention_lstm, torch.cat([f, r], dim=-1), (h, c))
             h = h_hat + f
         return h
 

@@ -45,7 +45,7 @@ from torch import nn
 from torch.func import grad_and_value
 
 from agents.maml import means
-from agents.models import BatchStatNorm2d, ConvNet
+from agents.models import BatchStatNorm2d, ConvNet, lstm_step
 from metarl.core.functional import Params, call, params_of
 from metarl.core.learner import Learner, register
 from metarl.core.metalearning import map_tasks
@@ -96,22 +96,13 @@ class MetaLearnerLSTM(nn.Module):
         h = c0.new_zeros(c0.shape[0], self.lstm.hidden_size)
         return h, torch.zeros_like(h), torch.zeros_like(c0), torch.zeros_like(c0)
 
-    def lstm_cell(self, x: torch.Tensor, h: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first layer's step, ``nn.LSTMCell``'s equations written out with its weights (torch's
-        fused ``lstm_cell`` kernel has no ``vmap`` batching rule): ``[N, 4]`` -> ``h, cell [N, H]``."""
-        lstm = self.lstm
-        gates = F.linear(x, lstm.weight_ih, lstm.bias_ih) + F.linear(h, lstm.weight_hh, lstm.bias_hh)
-        i, f, g, o = gates.chunk(4, -1)
-        cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(cell), cell
-
     def forward(
         self, grad: torch.Tensor, loss: torch.Tensor, c: torch.Tensor, state: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """One update: gradient ``[N]``, loss (scalar) and parameters ``c_{t-1}`` ``[N]`` -> ``c_t`` ``[N]``."""
         h, cell, f, i = state
         x = torch.cat([preprocess(grad, self.p), preprocess(loss, self.p).expand(grad.shape[0], 2)], -1)
-        h, cell = self.lstm_cell(x, h, cell)
+        h, cell = lstm_step(self.lstm, x, (h, cell))
         f = torch.sigmoid(self.forget(torch.cat([h, c[:, None], f[:, None]], -1))).squeeze(-1)
         i = torch.sigmoid(self.input(torch.cat([h, c[:, None], i[:, None]], -1))).squeeze(-1)
         return f * c - i * grad, (h, cell, f, i)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,6 +20,20 @@ class MLP(nn.Sequential):
             width = h
         layers.append(nn.Linear(width, out_features))
         super().__init__(*layers)
+
+
+def lstm_step(
+    cell: nn.LSTMCell, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of ``cell`` with its own weights, ``(x [..., in], (h, c) [..., hidden]) -> (h, c)``:
+    ``nn.LSTMCell``'s equations (gates i, f, g, o) written out, because torch's fused LSTM kernels
+    have no ``torch.func.vmap`` batching rule (Matching Networks' full-context embeddings and the
+    Meta-Learner LSTM run under vmap)."""
+    h, c = state
+    gates = F.linear(x, cell.weight_ih, cell.bias_ih) + F.linear(h, cell.weight_hh, cell.bias_hh)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 class BatchStatNorm2d(nn.Module):

@@ -286,7 +286,7 @@ def test_omniglot_run_trains_evaluates_and_classifies(tmp_path):
     assert result["metric"] == "accuracy" and result["steps"] == [0, 1, 2, 3]
     assert result["mean"][3] > result["mean"][0]  # the proximal steps adapt
     clf = FewShotClassifier.from_run(run)
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert clf.learner.optimizer.state_dict()["state"][0]["step"] == state["learner"]["optimizer"]["state"][0]["step"]
     images = list(np.random.default_rng(0).random((5, 28, 28)))
     adapted = clf.adapt(images, list("abcde"), steps=10)

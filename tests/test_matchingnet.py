@@ -62,20 +62,15 @@ def test_probabilities_by_hand_without_fce():
 
 
 def _reference_fce(fce: FullContextEmbedding, g: torch.Tensor, f: torch.Tensor, steps: int) -> torch.Tensor:
-    """The paper's equations with PyTorch's own LSTM kernels (nn.LSTM, nn.LSTMCell) holding the same weights."""
+    """The paper's equations with PyTorch's own fused LSTM kernels (nn.LSTM, nn.LSTMCell) holding the same weights."""
     d = g.shape[-1]
     bi = nn.LSTM(d, d, bidirectional=True)
     att = nn.LSTMCell(2 * d, d)
     with torch.no_grad():
         for suffix, cell in (("_l0", fce.forward_lstm), ("_l0_reverse", fce.backward_lstm)):
-            getattr(bi, "weight_ih" + suffix).copy_(cell.input.weight)
-            getattr(bi, "bias_ih" + suffix).copy_(cell.input.bias)
-            getattr(bi, "weight_hh" + suffix).copy_(cell.hidden.weight)
-            getattr(bi, "bias_hh" + suffix).zero_()
-        att.weight_ih.copy_(fce.attention_lstm.input.weight)
-        att.bias_ih.copy_(fce.attention_lstm.input.bias)
-        att.weight_hh.copy_(fce.attention_lstm.hidden.weight)
-        att.bias_hh.zero_()
+            for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"):
+                getattr(bi, name + suffix).copy_(getattr(cell, name))
+        att.load_state_dict(fce.attention_lstm.state_dict())
     out, _ = bi(g)  # [S, 2D]: forward and backward hidden states
     g_full = g + out[:, :d] + out[:, d:]
     h, c = f, torch.zeros_like(f)
@@ -113,8 +108,8 @@ def test_fce_follows_the_paper_and_its_lstms_learn():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         assert not torch.equal(p.detach(), before[name]), name
     assert (
-        set(learner.state_dict()["modules"]) == set(before) and len(before) == 9
-    )  # 3 cells x (input weight, bias, hidden weight)
+        set(learner.state_dict()["modules"]) == set(before) and len(before) == 12
+    )  # 3 nn.LSTMCell x (weight_ih, bias_ih, weight_hh, bias_hh)
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -186,8 +181,8 @@ def test_matchingnet_run_trains_evaluates_and_classifies(tmp_path):
             f"omniglot.root={DATA}", "omniglot.filters=8", "num_iterations=3", "eval.every=0",
             "matchingnet.fce=true", "matchingnet.fce_steps=2"]  # fmt: skip
     assert main(args) == 0
-    saved = torch.load(fce_run / "checkpoint.pt", weights_only=False)["learner"]["modules"]
+    saved = torch.load(fce_run / "checkpoint.pt", weights_only=True)["learner"]["modules"]
     restored = FewShotClassifier.from_run(fce_run).learner.modules.state_dict()
-    assert set(saved) == set(restored) and len(saved) == 9
+    assert set(saved) == set(restored) and len(saved) == 12
     for name, value in saved.items():
         torch.testing.assert_close(restored[name], value)

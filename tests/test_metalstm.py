@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.metalstm import MetaLearnerLSTM, MetaLSTM, preprocess, support_stat_outputs
-from agents.models import MLP, ConvNet
+from agents.models import MLP, ConvNet, lstm_step
 from metarl.core.functional import params_of
 from metarl.fewshot.batch import FewShotBatch
 from metarl.fewshot.objective import FewShotObjective
@@ -38,11 +38,11 @@ def test_preprocessing_by_hand_in_both_branches():
     torch.testing.assert_close(preprocess(torch.tensor([1e-3]), 5.0), torch.tensor([[-1.0, math.exp(5) * 1e-3]]))
 
 
-def test_lstm_cell_is_torchs():
+def test_lstm_step_is_torchs():
     torch.manual_seed(0)
     meta = MetaLearnerLSTM(6)
     x, h, c = torch.randn(7, 4), torch.randn(7, 6), torch.randn(7, 6)
-    for mine, torchs in zip(meta.lstm_cell(x, h, c), meta.lstm(x, (h, c)), strict=True):
+    for mine, torchs in zip(lstm_step(meta.lstm, x, (h, c)), meta.lstm(x, (h, c)), strict=True):
         torch.testing.assert_close(mine, torchs)
 
 

@@ -121,7 +121,7 @@ def test_siamese_run_trains_evaluates_and_classifies(tmp_path):
     result = json.loads((run / "eval.json").read_text())
     assert result["metric"] == "accuracy" and result["steps"] == [0]
     assert result["mean"][0] > 0.3  # 40 steps of 8 tasks with 8 filters (measured 0.38); chance is 0.2
-    saved = torch.load(run / "checkpoint.pt", weights_only=False)["learner"]["modules"]
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["learner"]["modules"]
     clf = FewShotClassifier.from_run(run)
     torch.testing.assert_close(clf.learner.modules.weight, saved["weight"])  # the verifier's w, b come back
     torch.testing.assert_close(clf.learner.modules.bias, saved["bias"])
