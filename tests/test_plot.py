@@ -155,7 +155,7 @@ def test_plot_runs_log_x_draws_the_positive_points_on_a_log_axis(tmp_path, monke
     import metarl.app.plot as plot
 
     drawn = []
-    monkeypatch.setattr(plot, "_save", lambda fig, out: drawn.append(fig))
+    monkeypatch.setattr(plot, "save_png", lambda fig, out: drawn.append(fig))
     run = _write_run(
         tmp_path, "pearl", [{"iteration": i, "env_steps": 1000 * i, "return/post_adapt": i} for i in range(3)]
     )

@@ -1,4 +1,4 @@
-"""The ``metarl`` command: ``metarl train | evaluate | adapt | plot | export``.
+"""The ``metarl`` command: ``metarl train | evaluate | adapt | plot | export | compare``.
 
 Configs whose ``family`` is sinusoid or omniglot are few-shot experiments; any other family is
 a meta-RL experiment on ``metarl/<family>-v0``.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from metarl.app.commands import EXIT_USAGE, cmd_adapt, cmd_evaluate, cmd_export, cmd_plot, cmd_train
+from metarl.app.commands import EXIT_USAGE, cmd_adapt, cmd_compare, cmd_evaluate, cmd_export, cmd_plot, cmd_train
 from metarl.core.config import ConfigError
 
 
@@ -161,6 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("source", metavar="RUN_OR_ADAPTED_DIR")
     ex.add_argument("--sb3", required=True, metavar="OUT.zip", help="the PPO zip to write")
     ex.set_defaults(func=cmd_export)
+
+    co = sub.add_parser(
+        "compare",
+        help="compare settings over seeds: curves with 95%% bands, IQM and bootstrap CIs, P(improvement)",
+        description="Group runs by setting (their config without the seed) and compare them with honest "
+        "statistics (Agarwal et al. 2021): learning curves with a 95%% confidence band over seeds, the "
+        "interquartile mean, mean and median of the final scores with 95%% stratified bootstrap intervals, "
+        "and the probability of improvement between settings. Writes compare.json, curves.png, "
+        "final_scores.png and a TensorBoard HParams log.",
+    )
+    co.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    co.add_argument("--metric", help="logged metric (default: return/post_adapt, or the few-shot validation metric)")
+    co.add_argument("--x", default="iteration", help="x axis of the curves: iteration (default) or env_steps")
+    co.add_argument("--last", type=int, default=1, help="final score: mean of the last N logged values (default 1)")
+    co.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    co.add_argument("--out", help="output folder (default: compare/ inside the first path)")
+    co.set_defaults(func=cmd_compare)
     return parser
 
 

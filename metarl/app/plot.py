@@ -130,7 +130,7 @@ def plot_runs(
         raise ValueError("run_dirs is empty: give at least one run directory holding metrics.jsonl")
     _check_window(smooth)
     dirs = [Path(d) for d in run_dirs]
-    rows_by_run = [_read_rows(d) for d in dirs]
+    rows_by_run = [read_rows(d) for d in dirs]
     available = sorted(_numeric_keys(rows_by_run))
     if keys is None:
         keys = default_keys(rows_by_run)
@@ -154,7 +154,7 @@ def plot_runs(
         if without:
             raise ValueError(f"x column {x!r} is not logged by {without}; available columns: {available}")
     labels = _labels(dirs)
-    fig, axes = _grid(len(keys))
+    fig, axes = grid(len(keys))
     for ax, key in zip(axes, keys):
         for rows, label in zip(rows_by_run, labels):
             curve = curve_of(rows, key, smooth=smooth, x=x)
@@ -173,7 +173,7 @@ def plot_runs(
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, out)
+    save_png(fig, out)
     return list(keys)
 
 
@@ -215,7 +215,7 @@ def plot_adaptation(result: Mapping[str, Any], out: str | os.PathLike, *, title:
     steps = np.asarray(result["steps"], dtype=np.float64)
     metric = str(result.get("metric", "value"))
 
-    fig, (ax,) = _grid(1, width=6.0, height=4.0)
+    fig, (ax,) = grid(1, width=6.0, height=4.0)
     for name, values in methods.items():
         if not isinstance(values, Mapping) or "mean" not in values:
             raise ValueError(f"method {name!r} must be a mapping with 'mean' (and 'ci95'), got {values!r}")
@@ -237,7 +237,7 @@ def plot_adaptation(result: Mapping[str, Any], out: str | os.PathLike, *, title:
         ax.set_xticks(steps)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, out)
+    save_png(fig, out)
     return [str(name) for name in methods]
 
 
@@ -291,7 +291,7 @@ def plot_by_experience(
     with its 95% CI band, against episodes of experience; into the PNG ``out``. Returns the labels."""
     if not curves:
         raise ValueError("plot_by_experience needs at least one curve")
-    fig, (ax,) = _grid(1, width=6.5, height=4.0)
+    fig, (ax,) = grid(1, width=6.5, height=4.0)
     for label, c in curves.items():
         x, mean = _floats(c["episodes"]), _floats(c["mean"])
         if len(x) != len(mean):
@@ -305,7 +305,7 @@ def plot_by_experience(
     ax.set_ylabel(f"{metric} (mean, 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, out)
+    save_png(fig, out)
     return [str(label) for label in curves]
 
 
@@ -319,7 +319,7 @@ def _check_window(window: int) -> None:
         raise ValueError(f"smoothing window must be an int >= 1, got {window!r}")
 
 
-def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     if not (run_dir / METRICS).is_file():
         what = "does not exist" if not run_dir.exists() else f"has no {METRICS}"
         raise ValueError(f"run dir {run_dir} {what}: expected a metarl run directory (one written by `metarl train`)")
@@ -350,7 +350,7 @@ def _floats(values: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
-def _grid(n: int, *, width: float = 4.5, height: float = 3.2):
+def grid(n: int, *, width: float = 4.5, height: float = 3.2):
     """A figure with ``n`` subplots, at most :data:`MAX_COLUMNS` per row; unused cells hidden."""
     from matplotlib.figure import Figure
 
@@ -363,7 +363,7 @@ def _grid(n: int, *, width: float = 4.5, height: float = 3.2):
     return fig, list(axes[:n])
 
 
-def _save(fig, out: str | os.PathLike) -> None:
+def save_png(fig, out: str | os.PathLike) -> None:
     """Render ``fig`` with Agg and write it to ``out`` as PNG, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
