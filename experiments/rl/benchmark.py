@@ -92,9 +92,10 @@ def summarize(name: str, run_dir: Path, eval_json: Path | None, train_s: float |
         "iterations": len(rows),
         "train_minutes": round(train_s / 60, 1) if train_s else None,
         "seconds_per_iteration_median": round(statistics.median(r["time/iteration"] for r in rows), 3),
-        "breakdown_median_s": {
+        "breakdown_median_s": {  # the phases a run logs (PEARL has no adaptation phase)
             k: round(statistics.median(r[f"time/{k}"] for r in rows), 3)
             for k in ("sampling", "adaptation", "meta_update")
+            if all(f"time/{k}" in r for r in rows)
         },
         "env_steps_per_s_median": round(statistics.median(r["env_steps_per_s"] for r in rows)),
         "env_steps": rows[-1]["env_steps"],
