@@ -313,6 +313,9 @@ def test_experience_axis_counts_episodes_per_step_or_per_trial_episode():
     assert experience_of(cfg(None, None, 20), [0, 1, 2, 3]).tolist() == [0, 20, 40, 60]  # MAML: E per step
     assert experience_of(cfg(None, 10, 20), [0, 1]).tolist() == [0, 10]  # the evaluation's E when set
     assert experience_of(cfg("gru", None, 8), [0, 1, 2, 3]).tolist() == [0, 1, 2, 3]  # RL^2: one per step
+    pearl = cfg(None, None, 4)
+    pearl.algorithm = "pearl"
+    assert experience_of(pearl, [0, 1, 2]).tolist() == [0, 1, 2]  # PEARL: one episode of context per step
 
 
 def test_plot_by_experience_draws_every_curve_and_checks_lengths(tmp_path):

@@ -243,10 +243,11 @@ def plot_adaptation(result: Mapping[str, Any], out: str | os.PathLike, *, title:
 
 def experience_of(cfg: Any, steps: Sequence[float]) -> np.ndarray:
     """Episodes of experience on the new task before each evaluated step of a run: ``s`` for RL^2
-    (step ``s`` is episode ``s + 1`` of the trial), ``s * E`` for gradient learners (``E``: the
-    episodes of each adaptation step, ``eval.episodes_per_task`` or ``episodes_per_task``)."""
+    (step ``s`` is episode ``s + 1`` of the trial) and PEARL (``s`` episodes of context), ``s * E``
+    for gradient learners (``E``: the episodes of each adaptation step, ``eval.episodes_per_task``
+    or ``episodes_per_task``)."""
     steps = np.asarray(steps, dtype=np.float64)
-    if getattr(cfg.policy, "recurrent", None) is not None:
+    if getattr(cfg.policy, "recurrent", None) is not None or getattr(cfg, "algorithm", None) == "pearl":
         return steps
     return steps * (cfg.eval.episodes_per_task or cfg.episodes_per_task)
 
