@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from image_tasks import random_image_task
 
 from agents.models import ConvNet
 from agents.protonet import ProtoNet, prototype_logits
@@ -26,14 +27,7 @@ def test_prototype_logits_by_hand():
     torch.testing.assert_close(cosine, torch.tensor([[s, s], [0.0, 1.0]]))
 
 
-def _task(n_way=3, k=2, q=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return FewShotBatch(
-        torch.rand(n_way * k, 1, 28, 28, generator=g),
-        torch.arange(n_way).repeat_interleave(k),
-        torch.rand(n_way * q, 1, 28, 28, generator=g),
-        torch.arange(n_way).repeat_interleave(q),
-    )
+_task = random_image_task
 
 
 def test_task_logits_are_distances_to_class_mean_embeddings():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from image_tasks import random_image_task
 from torch import nn
 
 from agents.models import ConvNet
@@ -16,14 +17,7 @@ from metarl.fewshot.batch import FewShotBatch
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 
 
-def _task(n_way=3, k=2, q=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return FewShotBatch(
-        torch.rand(n_way * k, 1, 28, 28, generator=g),
-        torch.arange(n_way).repeat_interleave(k),
-        torch.rand(n_way * q, 1, 28, 28, generator=g),
-        torch.arange(n_way).repeat_interleave(q),
-    )
+_task = random_image_task
 
 
 def _sigmoid(x: float) -> float:

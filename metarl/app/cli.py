@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from metarl.app.commands import EXIT_USAGE, cmd_adapt, cmd_compare, cmd_evaluate, cmd_export, cmd_plot, cmd_train
+from metarl.app.commands import EXIT_USAGE, cmd_adapt, cmd_evaluate, cmd_export, cmd_plot, cmd_train
+from metarl.app.compare import cmd_compare
 from metarl.core.config import ConfigError
 
 

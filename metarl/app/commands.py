@@ -396,14 +396,3 @@ def _evaluate_baselines(args, exp, run_dir: Path, iteration: int, num_tasks: int
         f"(eval/return_<method>, step = adaptation step)"
     )
     return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from metarl.app.compare import compare, table
-
-    out = Path(args.out) if args.out else Path(args.paths[0]) / "compare"
-    with writing(out):
-        result = compare(args.paths, out, metric=args.metric, x=args.x, last=args.last, seed=args.seed)
-    print(table(result))
-    print(f"wrote {out}/compare.json, curves.png, final_scores.png, tensorboard/")
-    return 0

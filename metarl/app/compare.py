@@ -23,6 +23,7 @@ log whose HParams dashboard lists every run with its setting and final score.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from scipy import stats
 from metarl.app.plot import grid, read_rows, save_png
 from metarl.core.config import to_dict
 from metarl.runs.load import load_run_config
-from metarl.runs.rundir import CONFIG, RunError
+from metarl.runs.rundir import CONFIG, RunError, writing
 
 #: Default metric per kind of run (the first one a run logs).
 DEFAULT_METRICS = ("return/post_adapt", "val/accuracy_post_adapt", "val/mse_post_adapt", "val/loss_post_adapt")
@@ -324,3 +325,13 @@ def table(result: dict[str, Any]) -> str:
     for pair, p in result["probability_of_improvement"].items():
         lines.append(f"  P({pair}) = {p['value']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]")
     return "\n".join(lines)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``metarl compare``: the comparison of the runs under ``args.paths``, printed and written."""
+    out = Path(args.out) if args.out else Path(args.paths[0]) / "compare"
+    with writing(out):
+        result = compare(args.paths, out, metric=args.metric, x=args.x, last=args.last, seed=args.seed)
+    print(table(result))
+    print(f"wrote {out}/compare.json, curves.png, final_scores.png, tensorboard/")
+    return 0
