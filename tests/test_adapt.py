@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -135,7 +137,11 @@ def test_evaluate_with_baselines_scores_every_method_on_a_tiny_budget(run_dir, t
         "--oracle-tasks",
         "1",
     ]
-    result = metarl_cli("evaluate", str(run_dir), "--baselines", *budget, "--jobs", "2", "--json", str(out))
+    on_ray, in_process = tmp_path / "on_ray", tmp_path / "in_process"
+    for copy in (on_ray, in_process):
+        shutil.copytree(run_dir, copy)
+    # the PPO jobs as Ray tasks on a local Ray (2 CPUs)
+    result = metarl_cli("evaluate", str(on_ray), "--baselines", *budget, "--jobs", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     ev = json.loads(out.read_text())
     assert ev["metric"] == "return" and ev["steps"] == [0, 1] and ev["num_tasks"] == 2 and ev["jobs"] == 2
@@ -147,15 +153,30 @@ def test_evaluate_with_baselines_scores_every_method_on_a_tiny_budget(run_dir, t
         and ev["methods"]["oracle"]["mean"][0] == ev["methods"]["oracle"]["mean"][1]
     )
     assert ev["methods"]["pretrained"]["pretrain_env_steps"] == 400
-    assert (run_dir / "eval_baselines.png").read_bytes()[:4] == b"\x89PNG"
-    assert list((run_dir / "eval").glob("events.out.tfevents.*"))
-    # the PPO jobs in worker processes give exactly the figures of the same jobs run one after another here
-    serial = tmp_path / "serial.json"
-    result = metarl_cli("evaluate", str(run_dir), "--baselines", *budget, "--jobs", "1", "--json", str(serial))
+    assert (on_ray / "eval_baselines.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((on_ray / "eval").glob("events.out.tfevents.*"))
+    progress = [line for line in result.stderr.splitlines() if "baseline job " in line]
+    assert sorted(line.split(":")[1].split()[0] for line in progress) == ["1/4", "2/4", "3/4", "4/4"]
+    assert len(list((on_ray / "baseline_jobs").glob("*.pt"))) == 4
+
+    # in this process (--jobs 1), killed once a job is done, then run again: the finished jobs are
+    # reused and the figures are exactly those of the uninterrupted run on Ray
+    command = [sys.executable, "-m", "metarl", "evaluate", str(in_process), "--baselines", *budget, "--jobs", "1"]
+    killed = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((in_process / "baseline_jobs").glob("*.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    killed.kill()
+    killed.wait()
+    kept = len(list((in_process / "baseline_jobs").glob("*.pt")))
+    assert 1 <= kept < 4 and not (in_process / "eval_baselines.json").exists()
+    result = metarl_cli("evaluate", str(in_process), "--baselines", *budget, "--jobs", "1")
     assert result.returncode == 0, result.stderr
-    one = json.loads(serial.read_text())
+    assert f"baseline jobs: {kept} of 4 already done" in result.stderr
+    assert sum("baseline job " in line for line in result.stderr.splitlines()) == 4 - kept  # one per job run
+    again = json.loads((in_process / "eval_baselines.json").read_text())
     for name, m in ev["methods"].items():
-        assert (one["methods"][name]["mean"], one["methods"][name]["ci95"]) == (m["mean"], m["ci95"]), name
+        assert (again["methods"][name]["mean"], again["methods"][name]["ci95"]) == (m["mean"], m["ci95"]), name
     # the meta row is exactly `metarl evaluate` on the same tasks
     plain = tmp_path / "plain.json"
     assert (

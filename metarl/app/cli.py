@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metarl.app.baseline_jobs import DEFAULT_ORACLE_STEPS, DEFAULT_ORACLE_TASKS, DEFAULT_PRETRAIN_STEPS
 from metarl.app.commands import EXIT_USAGE, cmd_adapt, cmd_evaluate, cmd_export, cmd_plot, cmd_train
 from metarl.app.compare import cmd_compare
 from metarl.core.config import ConfigError
@@ -59,17 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--pretrain-steps",
         type=int,
-        help="--baselines: PPO steps of the multi-task policy (default: the run's env steps, at most 1,000,000)",
+        help="--baselines: PPO steps of the multi-task policy (default: the run's env steps, at most "
+        f"{DEFAULT_PRETRAIN_STEPS:,})",
     )
     ev.add_argument(
-        "--oracle-steps", type=int, default=200_000, help="--baselines: PPO steps per oracle task (default 200k)"
+        "--oracle-steps",
+        type=int,
+        default=DEFAULT_ORACLE_STEPS,
+        help=f"--baselines: PPO steps per oracle task (default {DEFAULT_ORACLE_STEPS:,})",
     )
-    ev.add_argument("--oracle-tasks", type=int, help="--baselines: how many of the tasks get an oracle (default: all)")
+    ev.add_argument(
+        "--oracle-tasks",
+        type=int,
+        default=DEFAULT_ORACLE_TASKS,
+        help=f"--baselines: how many of the held-out tasks get an oracle (default {DEFAULT_ORACLE_TASKS})",
+    )
     ev.add_argument(
         "--jobs",
         type=int,
-        help="--baselines: worker processes for the PPO runs (default: the usable "
-        "CPU cores); the figures do not depend on it",
+        help="--baselines: PPO jobs at a time, as Ray tasks on a local Ray (default: the usable CPU cores; 1: one "
+        "after another in this process, no Ray); the figures do not depend on it",
+    )
+    ev.add_argument(
+        "--ray-address",
+        help="--baselines: run the PPO jobs on this Ray cluster (e.g. auto or HEAD:6379; default: RAY_ADDRESS "
+        "if set, else a local Ray)",
     )
     ev.add_argument(
         "--metaworld",

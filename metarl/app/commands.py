@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -165,7 +164,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         if args.baselines:
-            return _evaluate_baselines(args, exp, run_dir, iteration, num_tasks, steps)
+            from metarl.app.baseline_jobs import evaluate_baselines_command
+
+            return evaluate_baselines_command(args, exp, run_dir, iteration, num_tasks, steps)
         result = exp.evaluate(num_tasks=num_tasks, steps=steps, seed=args.seed)
     finally:
         exp.close()
@@ -341,58 +342,5 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.sb3}: {what} of {source} as a stable-baselines3 PPO model "
         f"(PPO.load('{args.sb3}'); the value network is freshly initialised)"
-    )
-    return 0
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _evaluate_baselines(args, exp, run_dir: Path, iteration: int, num_tasks: int, steps: int) -> int:
-    from torch.utils.tensorboard import SummaryWriter
-
-    from metarl.app.comparisons import evaluate_with_baselines
-    from metarl.app.plot import plot_adaptation
-
-    pretrain = args.pretrain_steps if args.pretrain_steps is not None else min(exp.env_steps, 1_000_000)
-    if pretrain < 1 or args.oracle_steps < 1 or (args.oracle_tasks is not None and args.oracle_tasks < 1):
-        raise ConfigError("--pretrain-steps, --oracle-steps and --oracle-tasks must be >= 1")
-    oracle_tasks = min(args.oracle_tasks or num_tasks, num_tasks)
-    if args.jobs is not None and args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    jobs = args.jobs or _usable_cores()
-    t0 = time.perf_counter()
-    result = evaluate_with_baselines(
-        exp,
-        num_tasks=num_tasks,
-        steps=steps,
-        seed=args.seed,
-        pretrain_steps=pretrain,
-        oracle_steps=args.oracle_steps,
-        oracle_tasks=oracle_tasks,
-        jobs=jobs,
-        log=lambda m: print(f"  {m} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr),
-    )
-    result["iteration"] = iteration
-    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"{run_dir} at iteration {iteration}: return on {num_tasks} held-out tasks after 0..{steps} adaptation steps")
-    print(f"{'method':<12} " + "  ".join(f"{'step ' + str(s):>16}" for s in result["steps"]))
-    for name, m in result["methods"].items():
-        print(f"{name:<12} " + "  ".join(f"{mu:>8.2f} +- {ci:<5.2f}" for mu, ci in zip(m["mean"], m["ci95"])))
-    text = json.dumps(result, indent=2) + "\n"
-    for path in [run_dir / "eval_baselines.json"] + ([Path(args.json)] if args.json else []):
-        _write_text(path, text)
-    with writing(run_dir / "eval_baselines.png"):
-        plot_adaptation(result, run_dir / "eval_baselines.png", title=f"{run_dir.name}: return by adaptation step")
-    with writing(run_dir / "eval"):
-        writer = SummaryWriter(log_dir=str(run_dir / "eval"))
-        for name, m in result["methods"].items():
-            for s, value in zip(result["steps"], m["mean"]):
-                writer.add_scalar(f"eval/return_{name}", value, s)
-        writer.close()
-    print(
-        f"wrote {run_dir / 'eval_baselines.json'}, {run_dir / 'eval_baselines.png'} and TensorBoard curves "
-        f"(eval/return_<method>, step = adaptation step)"
     )
     return 0

@@ -25,12 +25,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
+from metarl.app.baseline_jobs import Job, JobRunner
 from metarl.app.export import fold_action_scale
 from metarl.rl.actions import action_affine
 from metarl.rl.sampling.vector import resolve_horizon
@@ -236,21 +238,6 @@ def _score(model, env: gym.Env, episodes: int, *, seed: int) -> float:
 METHODS = ("meta", "random_init", "pretrained", "ppo_scratch", "oracle")
 
 
-class _Deferred:
-    """A job run in this process when its result is asked for (``jobs=1``: the order of the calls)."""
-
-    def __init__(self, fn, *args) -> None:
-        self._call = (fn, args)
-
-    def result(self):
-        fn, args = self._call
-        return fn(*args)
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
 def evaluate_with_baselines(
     exp: RLExperiment,
     *,
@@ -261,15 +248,19 @@ def evaluate_with_baselines(
     oracle_steps: int,
     oracle_tasks: int,
     jobs: int = 1,
+    store: Path | None = None,
+    address: str | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Every method's return after 0..steps adaptation steps on the same held-out tasks, mean and 95% CI.
 
     The PPO runs (the multi-task policy, PPO from scratch on each task, each oracle) are
-    independent jobs, each seeded by its own task index; ``jobs > 1`` runs them in that many
-    worker processes (one torch thread each) while this process scores the meta-policy and the
-    random initialisation. The figures do not depend on ``jobs``. A method's ``seconds`` is the
-    time of its jobs added up (its wall time when ``jobs=1``).
+    independent jobs, each seeded by its own task index, run by a
+    :class:`~metarl.app.baseline_jobs.JobRunner`: ``jobs > 1`` or a Ray ``address`` makes them
+    Ray tasks (retried when their process dies) while this process scores the meta-policy and
+    the random initialisation; each finished job is kept under ``store`` and not run again by a
+    later call. The figures depend on neither ``jobs``, Ray nor the kept results. A method's
+    ``seconds`` is the time of its jobs added up, as measured when each ran.
     """
     s = PPOSetting.of(exp)
 
@@ -277,56 +268,45 @@ def evaluate_with_baselines(
         return seed * 100_003 + i
 
     tasks = exp.sample_tasks(TEST, seed, num_tasks)
-    pool = None
-    if jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    oracle_draw = exp.sample_tasks(TEST, seed, oracle_tasks)
+    runner = JobRunner(store, workers=jobs, address=address, log=log)
+    # longest first, so that the workers finish together
+    runner.start(
+        [Job("pretrain", pretrain_job, (s, pretrain_steps, seed))]
+        + [Job(f"oracle-{i}", oracle_job, (s, task, oracle_steps, task_seed(i))) for i, task in enumerate(oracle_draw)]
+        + [Job(f"scratch-{i}", ppo_scratch_job, (s, task, steps, task_seed(i))) for i, task in enumerate(tasks)]
+    )
 
-        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
-    submit = pool.submit if pool is not None else _Deferred
-    try:
-        # longest first, so the workers finish together
-        pretrain = submit(pretrain_job, s, pretrain_steps, seed)
-        oracle = [
-            submit(oracle_job, s, task, oracle_steps, task_seed(i))
-            for i, task in enumerate(exp.sample_tasks(TEST, seed, oracle_tasks))
-        ]
-        scratch = [submit(ppo_scratch_job, s, task, steps, task_seed(i)) for i, task in enumerate(tasks)]
+    def summary(values: np.ndarray, seconds: float) -> dict[str, Any]:
+        return {**mean_and_ci95(np.asarray(values)), "seconds": round(seconds, 1)}
 
-        def summary(values: np.ndarray, seconds: float) -> dict[str, Any]:
-            return {**mean_and_ci95(np.asarray(values)), "seconds": round(seconds, 1)}
-
-        methods: dict[str, Any] = {}
-        t0 = time.perf_counter()
-        methods["meta"] = summary(
-            meta_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed), time.perf_counter() - t0
-        )
-        log("meta done")
-        t0 = time.perf_counter()
-        methods["random_init"] = summary(
-            random_init_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed), time.perf_counter() - t0
-        )
-        log("random_init done")
-        params, pretrain_s = pretrain.result()
-        t0 = time.perf_counter()
-        methods["pretrained"] = summary(
-            pretrained_curve(exp, params, num_tasks=num_tasks, steps=steps, seed=seed),
-            pretrain_s + time.perf_counter() - t0,
-        )
-        methods["pretrained"]["pretrain_env_steps"] = pretrain_steps
-        log(f"pretrained done ({pretrain_steps} PPO steps)")
-        rows = [job.result() for job in scratch]
-        methods["ppo_scratch"] = summary([r for r, _ in rows], sum(t for _, t in rows))
-        log("ppo_scratch done")
-        scores = [job.result() for job in oracle]
-        methods["oracle"] = summary(
-            np.repeat(np.asarray([v for v, _ in scores])[:, None], steps + 1, axis=1), sum(t for _, t in scores)
-        )
-        methods["oracle"]["train_env_steps_per_task"] = oracle_steps
-        log("oracle done")
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    methods: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    methods["meta"] = summary(meta_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed), time.perf_counter() - t0)
+    log("meta done")
+    t0 = time.perf_counter()
+    methods["random_init"] = summary(
+        random_init_curve(exp, num_tasks=num_tasks, steps=steps, seed=seed), time.perf_counter() - t0
+    )
+    log("random_init done")
+    done = runner.results()
+    params, pretrain_s = done["pretrain"]
+    t0 = time.perf_counter()
+    methods["pretrained"] = summary(
+        pretrained_curve(exp, params, num_tasks=num_tasks, steps=steps, seed=seed),
+        pretrain_s + time.perf_counter() - t0,
+    )
+    methods["pretrained"]["pretrain_env_steps"] = pretrain_steps
+    log(f"pretrained done ({pretrain_steps} PPO steps)")
+    rows = [done[f"scratch-{i}"] for i in range(num_tasks)]
+    methods["ppo_scratch"] = summary([r for r, _ in rows], sum(t for _, t in rows))
+    log("ppo_scratch done")
+    scores = [done[f"oracle-{i}"] for i in range(oracle_tasks)]
+    methods["oracle"] = summary(
+        np.repeat(np.asarray([v for v, _ in scores])[:, None], steps + 1, axis=1), sum(t for _, t in scores)
+    )
+    methods["oracle"]["train_env_steps_per_task"] = oracle_steps
+    log("oracle done")
     return {
         "metric": "return",
         "steps": list(range(steps + 1)),
