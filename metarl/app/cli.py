@@ -1,4 +1,4 @@
-"""The ``metarl`` command: ``metarl train | evaluate | adapt | plot | export | compare``.
+"""The ``metarl`` command: ``metarl train | evaluate | adapt | plot | export | compare | sweep``.
 
 Configs whose ``family`` is sinusoid or omniglot are few-shot experiments; any other family is
 a meta-RL experiment on ``metarl/<family>-v0``.
@@ -15,7 +15,9 @@ import sys
 from metarl.app.baseline_jobs import DEFAULT_ORACLE_STEPS, DEFAULT_ORACLE_TASKS, DEFAULT_PRETRAIN_STEPS
 from metarl.app.commands import EXIT_USAGE, cmd_adapt, cmd_evaluate, cmd_export, cmd_plot, cmd_train
 from metarl.app.compare import cmd_compare
+from metarl.app.sweep import add_parser as add_sweep_parser
 from metarl.core.config import ConfigError
+from metarl.core.config_files import is_override
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
     co.add_argument("--out", help="output folder (default: compare/ inside the first path)")
     co.set_defaults(func=cmd_compare)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -211,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (`train cfg.yaml --no-progress seed=3`)
-    unknown = [item for item in extra if item.startswith("-") or "=" not in item or args.command != "train"]
+    unknown = [
+        item
+        for item in extra
+        if item.startswith("-") or not is_override(item) or args.command not in ("train", "sweep")
+    ]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:

@@ -16,7 +16,7 @@ from typing import Any
 
 from metarl.core.atomic import atomic_open
 from metarl.core.config import ConfigError, from_dict, to_dict
-from metarl.core.config_files import apply_overrides, dump_config
+from metarl.core.config_files import apply_overrides, dump_config, is_override
 from metarl.runs.load import load_experiment_config, load_run_config, make_experiment, restore
 from metarl.runs.rl_config import RLConfig
 from metarl.runs.rundir import (
@@ -76,7 +76,7 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
     config_path, overrides = None, []
     for item in args.args:
-        if "=" in item or config_path is not None:
+        if is_override(item) or config_path is not None:
             overrides.append(item)
         else:
             config_path = Path(item)

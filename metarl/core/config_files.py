@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,12 @@ from metarl.core.config import (
 )
 
 _OVERRIDE_FORM = "expected the form key.sub=value"
+
+
+def is_override(item: str) -> bool:
+    """Whether a command-line item is a ``key.sub=value`` override (else a path, which may hold ``=``:
+    ``runs/sweeps/s/inner.lr=0.1-seed0/config.yaml``)."""
+    return re.match(r"[A-Za-z_][A-Za-z0-9_.]*=", item) is not None
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +122,19 @@ class Experiment:
         return exp, exp.load_checkpoint(Path(run_dir) / CHECKPOINT)
 
     # -- training ----------------------------------------------------------------------------
-    def train(self, run_dir: Path, *, start: int = 0, progress: bool = True) -> None:
+    def train(
+        self,
+        run_dir: Path,
+        *,
+        start: int = 0,
+        progress: bool = True,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         """Iterations ``start .. num_iterations - 1``, logging each and checkpointing on schedule.
 
-        A stop request (SIGTERM) ends the loop between iterations with a checkpoint of every
-        iteration done.
+        ``on_row`` gets each iteration's logged row once it is written and checkpointed (a sweep
+        reports it to Ray Tune). A stop request (SIGTERM) ends the loop between iterations with a
+        checkpoint of every iteration done.
         """
         cfg = self.cfg
         logger = MetricsLogger(run_dir, start=start)
@@ -152,6 +161,8 @@ class Experiment:
                 logger.log(row)
                 if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.num_iterations:
                     save_checkpoint(self.state_dict(it + 1), run_dir / CHECKPOINT)
+                if on_row is not None:
+                    on_row(row)
                 bar.update(1)
                 bar.set_postfix_str(self.progress_text(row), refresh=False)
         finally:
