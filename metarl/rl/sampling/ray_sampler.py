@@ -1,7 +1,8 @@
 """Ray rollout workers: the meta-batch split across actors, each running a :class:`VectorSampler`.
 
 ``RaySampler(env_id, policy=..., episodes_per_task=E, num_workers=W)`` starts ``W`` Ray actors
-(one CPU each). Per sampling call the parameters go into the object store once
+(one CPU each), spread over the nodes of the cluster (inside a placement group, such as a sweep
+trial's, they go into its bundles instead). Per sampling call the parameters go into the object store once
 (``ray.put``); every actor receives the reference and a contiguous share of the tasks with their
 seeds, samples them with its in-process vectorized sampler and returns the episodes as arrays.
 The shares are concatenated in task order, so the result equals ``VectorSampler.sample`` on the
@@ -102,6 +103,11 @@ class _RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def sample(
         self,
         params: Mapping[str, np.ndarray],
@@ -168,7 +174,11 @@ class RaySampler:
                 f"({episodes_per_trial}, >= 1): each task's episodes are whole trials"
             )
         init_ray(address, num_cpus=None if address else num_workers * physics_threads)
-        self._remote_cls = ray.remote(num_cpus=physics_threads, max_restarts=0)(_RolloutWorker)
+        # spread over the cluster's nodes, unless a placement group (a sweep's trial) says where
+        from ray.util import get_current_placement_group
+
+        spread = {} if get_current_placement_group() is not None else {"scheduling_strategy": "SPREAD"}
+        self._remote_cls = ray.remote(num_cpus=physics_threads, max_restarts=0, **spread)(_RolloutWorker)
         self._args = (
             env_id,
             policy,
@@ -204,6 +214,12 @@ class RaySampler:
         import ray
 
         return ray.get([w.pid.remote() for w in self.workers])
+
+    def worker_nodes(self) -> list[str]:
+        """Ray node ids of the current actors."""
+        import ray
+
+        return ray.get([w.node_id.remote() for w in self.workers])
 
     def _replace(self, index: int, error: BaseException, share: tuple[int, int]) -> None:
         import ray

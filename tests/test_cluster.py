@@ -1,0 +1,94 @@
+"""A multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head that runs no
+workers, as on a real cluster, and three nodes of one CPU each): rollout workers spread over the
+nodes, and a node lost mid-call."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from metarl.rl.sampling import VectorSampler, task_seeds
+
+ray = pytest.importorskip("ray")
+CHEETAH = "metarl/HalfCheetahVel-v0"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    from metarl.rl.sampling import init_ray
+
+    ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(3):
+        nodes.add_node(num_cpus=1)
+    nodes.wait_for_nodes()
+    init_ray(nodes.address)
+    yield nodes
+    ray.shutdown()
+    nodes.shutdown()
+
+
+def _setup(horizon: int, n: int):
+    import gymnasium as gym
+
+    from agents.policies import make_policy
+
+    local = VectorSampler(CHEETAH, episodes_per_task=4, horizon=horizon)
+    torch.manual_seed(0)
+    policy = make_policy(local.observation_space, local.action_space, hidden=(16,))
+    env = gym.make(CHEETAH)
+    env.reset(seed=0)
+    tasks = env.unwrapped.sample_tasks(n)
+    return local, policy, tasks, task_seeds(3, 0, n=n)
+
+
+def _same(a, b) -> bool:
+    return all(
+        (x is None and y is None) or torch.equal(x, y) for x, y in zip(a._asdict().values(), b._asdict().values())
+    )
+
+
+def test_workers_on_two_nodes_sample_the_in_process_episodes(cluster):
+    from metarl.rl.sampling import RaySampler
+
+    local, policy, tasks, seeds = _setup(horizon=30, n=5)
+    sampler = RaySampler(CHEETAH, policy=policy, episodes_per_task=4, horizon=30, num_workers=2)
+    try:
+        nodes = sampler.worker_nodes()
+        assert len(set(nodes)) == 2 and set(nodes) <= {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert _same(sampler.sample(policy.params(), tasks, seeds), local.sample(policy, policy.params(), tasks, seeds))
+    finally:
+        sampler.close()
+
+
+def test_losing_the_node_of_a_worker_mid_call_completes_the_call(cluster):
+    """The node that runs worker 0 is removed (its raylet and processes killed) while the call runs; the
+    worker is replaced on the node that was free and the call returns every episode, equal to in-process."""
+    from metarl.rl.sampling import RaySampler
+
+    horizon, n = 1000, 6  # each share: 3 tasks x 4 episodes x 1000 steps, seconds of work
+    local, policy, tasks, seeds = _setup(horizon=horizon, n=n)
+    events: list[dict] = []
+    sampler = RaySampler(
+        CHEETAH, policy=policy, episodes_per_task=4, horizon=horizon, num_workers=2, on_event=events.append
+    )
+    try:
+        victim_id = sampler.worker_nodes()[0]
+        victim = next(node for node in cluster.list_all_nodes() if node.node_id == victim_id)
+        remover = threading.Timer(0.5, cluster.remove_node, (victim,), {"allow_graceful": False})
+        remover.start()
+        t0 = time.monotonic()
+        episodes = sampler.sample(policy.params(), tasks, seeds)
+        remover.join()
+        assert time.monotonic() - t0 > 0.5  # the node went while the call ran
+        assert episodes.num_tasks == n and episodes.num_steps() == n * 4 * horizon
+        assert _same(episodes, local.sample(policy, policy.params(), tasks, seeds))
+        assert [e["worker"] for e in events] == [0] and events[0]["tasks"] == [0, 3]
+        assert victim_id not in sampler.worker_nodes()
+    finally:
+        sampler.close()
