@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,16 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl.core.atomic import atomic_open
-from metarl.core.config import ConfigError
-from metarl.runs.rundir import RunError, save_checkpoint, writing
+from metarl.runs.rundir import RunError, save_checkpoint
 
 #: Folder of a run directory that keeps the finished baseline jobs.
 STORE = "baseline_jobs"
-#: Defaults of ``metarl evaluate --baselines``: minutes on a laptop (README, "Baselines" says how to ask for more).
-DEFAULT_PRETRAIN_STEPS = 200_000
-DEFAULT_ORACLE_STEPS = 100_000
-DEFAULT_ORACLE_TASKS = 5
 
 
 @dataclass(frozen=True)
@@ -218,61 +210,3 @@ def ray_task_error() -> type[BaseException]:
     except ImportError:  # pragma: no cover - ray is a dependency
         return type("NoRayTaskError", (Exception,), {})
     return RayTaskError
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def evaluate_baselines_command(args, exp, run_dir: Path, iteration: int, num_tasks: int, steps: int) -> int:
-    """``metarl evaluate RUN --baselines``: the comparison table, ``eval_baselines.json`` / ``.png`` and
-    TensorBoard curves; the PPO jobs kept in ``RUN/baseline_jobs/``."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from metarl.app.comparisons import evaluate_with_baselines
-    from metarl.app.plot import plot_adaptation
-
-    pretrain = args.pretrain_steps if args.pretrain_steps is not None else min(exp.env_steps, DEFAULT_PRETRAIN_STEPS)
-    if pretrain < 1 or args.oracle_steps < 1 or args.oracle_tasks < 1:
-        raise ConfigError("--pretrain-steps, --oracle-steps and --oracle-tasks must be >= 1")
-    oracle_tasks = min(args.oracle_tasks, num_tasks)
-    if args.jobs is not None and args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    jobs = args.jobs or _usable_cores()
-    t0 = time.perf_counter()
-    result = evaluate_with_baselines(
-        exp,
-        num_tasks=num_tasks,
-        steps=steps,
-        seed=args.seed,
-        pretrain_steps=pretrain,
-        oracle_steps=args.oracle_steps,
-        oracle_tasks=oracle_tasks,
-        jobs=jobs,
-        store=run_dir / STORE,
-        address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
-        log=lambda m: print(f"  {m} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True),
-    )
-    result["iteration"] = iteration
-    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"{run_dir} at iteration {iteration}: return on {num_tasks} held-out tasks after 0..{steps} adaptation steps")
-    print(f"{'method':<12} " + "  ".join(f"{'step ' + str(s):>16}" for s in result["steps"]))
-    for name, m in result["methods"].items():
-        print(f"{name:<12} " + "  ".join(f"{mu:>8.2f} +- {ci:<5.2f}" for mu, ci in zip(m["mean"], m["ci95"])))
-    text = json.dumps(result, indent=2) + "\n"
-    for path in [run_dir / "eval_baselines.json"] + ([Path(args.json)] if args.json else []):
-        with writing(path), atomic_open(path, "w") as f:
-            f.write(text)
-    with writing(run_dir / "eval_baselines.png"):
-        plot_adaptation(result, run_dir / "eval_baselines.png", title=f"{run_dir.name}: return by adaptation step")
-    with writing(run_dir / "eval"):
-        writer = SummaryWriter(log_dir=str(run_dir / "eval"))
-        for name, m in result["methods"].items():
-            for s, value in zip(result["steps"], m["mean"]):
-                writer.add_scalar(f"eval/return_{name}", value, s)
-        writer.close()
-    print(
-        f"wrote {run_dir / 'eval_baselines.json'}, {run_dir / 'eval_baselines.png'} and TensorBoard curves "
-        f"(eval/return_<method>, step = adaptation step)"
-    )
-    return 0

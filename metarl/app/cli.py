@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from metarl.app.baseline_jobs import DEFAULT_ORACLE_STEPS, DEFAULT_ORACLE_TASKS, DEFAULT_PRETRAIN_STEPS
 from metarl.app.commands import EXIT_USAGE, cmd_adapt, cmd_evaluate, cmd_export, cmd_plot, cmd_train
 from metarl.app.compare import cmd_compare
+from metarl.app.comparisons import DEFAULT_ORACLE_STEPS, DEFAULT_ORACLE_TASKS, DEFAULT_PRETRAIN_STEPS
 from metarl.app.sweep import add_parser as add_sweep_parser
 from metarl.core.config import ConfigError
 from metarl.core.config_files import is_override

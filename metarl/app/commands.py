@@ -164,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         if args.baselines:
-            from metarl.app.baseline_jobs import evaluate_baselines_command
+            from metarl.app.comparisons import evaluate_baselines_command
 
             return evaluate_baselines_command(args, exp, run_dir, iteration, num_tasks, steps)
         result = exp.evaluate(num_tasks=num_tasks, steps=steps, seed=args.seed)
