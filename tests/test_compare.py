@@ -134,3 +134,32 @@ def test_cli_compare_and_its_errors(sweep, tmp_path, capsys):
     assert "holds no metarl run" in capsys.readouterr().err
     assert main(["compare", str(sweep), "--metric", "nope", "--out", str(tmp_path / "o2")]) == 2
     assert "--metric 'nope' is not logged by every run" in capsys.readouterr().err
+
+
+def test_hparams_dashboard_lists_each_run_with_the_settings_values_and_final_score(sweep, tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    compare([sweep], tmp_path / "cmp")
+    found = {}
+    for events in (tmp_path / "cmp" / "tensorboard").rglob("events.out.tfevents.*"):
+        hparams, final = None, None
+        for event in EventFileLoader(str(events)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    if data.HasField("session_start_info"):
+                        hparams = data.session_start_info.hparams
+                elif value.tag == "final/return/post_adapt":
+                    final = value.tensor.float_val[0] if value.HasField("tensor") else value.simple_value
+        if hparams is not None:
+            found[hparams["run"].string_value] = (
+                hparams["algorithm"].string_value,
+                hparams["seed"].number_value,
+                hparams["setting"].string_value,
+                final,
+            )
+    assert found == {
+        **{f"maml-{s}": ("maml_trpo", s, "algorithm=maml_trpo", f) for s, f in enumerate([-10.0, -12.0, -8.0, -30.0])},
+        **{f"reptile-{s}": ("reptile", s, "algorithm=reptile", f) for s, f in enumerate([-20.0, -21.0, -25.0, -19.0])},
+    }

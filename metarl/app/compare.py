@@ -259,7 +259,7 @@ def compare(
     _plot_curves(result, out / "curves.png")
     _plot_scores(result, out / "final_scores.png")
     if tensorboard:
-        _hparams(groups, scores, {run: cfg.seed for run, cfg in configs.items()}, metric, out / "tensorboard")
+        _hparams(groups, scores, configs, metric, out / "tensorboard")
     return result
 
 
@@ -302,15 +302,26 @@ def _plot_scores(result: dict[str, Any], path: Path) -> None:
 
 
 def _hparams(
-    groups: dict[str, list[Path]], scores: dict[str, list[float]], seeds: dict[Path, int], metric: str, logdir: Path
+    groups: dict[str, list[Path]], scores: dict[str, list[float]], configs: dict[Path, Any], metric: str, logdir: Path
 ) -> None:
-    """One HParams entry per run: its setting, seed and final score."""
+    """One HParams entry per run: its setting, each config value that differs between the settings
+    (``inner.lr``, ``algorithm``: columns to sort and filter by), its seed and its final score."""
     from torch.utils.tensorboard import SummaryWriter
+
+    flat = {
+        run: {k: json.loads(v) for k, v in _flat(to_dict(cfg)).items() if k != "seed"} for run, cfg in configs.items()
+    }
+    keys = sorted({k for f in flat.values() for k in f})
+    differ = [k for k in keys if len({json.dumps(f.get(k)) for f in flat.values()}) > 1]
+
+    def plain(value: Any) -> Any:  # HParams takes numbers, strings and booleans
+        return value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
 
     with SummaryWriter(str(logdir)) as writer:
         for name, members in groups.items():
             for run, score in zip(members, scores[name]):
-                hparams = {"setting": name, "seed": seeds[run], "run": run.name}
+                hparams = {"setting": name, **{k: plain(flat[run].get(k)) for k in differ}}
+                hparams.update(seed=configs[run].seed, run=run.name)
                 writer.add_hparams(hparams, {f"final/{metric}": score}, run_name=f"{run.name}")
 
 
