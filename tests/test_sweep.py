@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -73,6 +74,10 @@ def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "metarl: error: --seeds 'x': give a range 0-9, a list 0,3,7 or one seed"
     ]
+    result = _cli("sweep", str(NAV), "--max-failures", "-1", "--out", str(tmp_path / "s"), timeout=120)
+    assert result.returncode == 2 and "--max-failures must be >= 0, got -1" in result.stderr
+    result = _cli("sweep", str(NAV), "--grid", "inner.lr=0.1,-2", "--out", str(tmp_path / "s"), timeout=120)
+    assert result.returncode == 2 and "sweep setting inner.lr=-2 (seed 0)" in result.stderr
     result = _cli("sweep", "--resume", "nope", "--out", str(tmp_path / "none"), timeout=120)
     assert result.returncode == 2 and "holds no sweep.json" in result.stderr
     assert not (tmp_path / "s").exists()
@@ -117,8 +122,8 @@ def _wait(condition, what: str, timeout: float = 300) -> None:
 def test_sweep_survives_a_killed_trial_and_a_killed_driver(tmp_path):
     """4 trials (2 settings x 2 seeds) on a local Ray of 2 CPUs, so two at a time. A trial's process is
     SIGKILLed mid-run: Tune restarts it, it continues from its checkpoint and ends with the metrics
-    of an uninterrupted run. Then the driver is SIGKILLed while the last two trials run; `--resume`
-    finishes them without touching the finished ones."""
+    of an uninterrupted run. Then the driver and its running trials are SIGKILLed once a trial has
+    finished and another is mid-run; `--resume` finishes the others without touching the finished."""
     pytest.importorskip("ray.tune")
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "metarl", "sweep", str(NAV), "--seeds", "0-1", "--grid", "inner.lr=0.05,0.1"]
@@ -153,7 +158,13 @@ def test_sweep_survives_a_killed_trial_and_a_killed_driver(tmp_path):
             "a finished trial and one mid-run",
         )
         at_kill = {n: _count(d) for n, d in trials.items()}
+        # the whole machine goes down: the driver, and at once the trials it ran (Ray would end them
+        # a few seconds later, time enough for a fast trial to finish)
         os.killpg(driver.pid, signal.SIGKILL)
+        for run_dir in trials.values():
+            if (run_dir / "train.lock").exists() and not _lock_is_free(run_dir):
+                with contextlib.suppress(ProcessLookupError, ValueError, TypeError):
+                    os.kill(_lock_holder(run_dir), signal.SIGKILL)
         driver.wait()
     finally:
         if driver.poll() is None:

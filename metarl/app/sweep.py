@@ -238,6 +238,8 @@ def new_sweep(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         raise ConfigError("sweep needs at least one CONFIG.yaml (e.g. experiments/navigation2d/maml_trpo.yaml)")
     if args.gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.max_failures < 0:
+        raise ConfigError(f"--max-failures must be >= 0, got {args.max_failures}")
     name = args.name or "-".join(Path(c).stem for c in configs) + time.strftime("-%Y%m%d-%H%M%S")
     out = Path(args.out or Path("runs") / "sweeps" / name).resolve()
     if (out / SPEC).exists():
