@@ -78,6 +78,10 @@ def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and "--max-failures must be >= 0, got -1" in result.stderr
     result = _cli("sweep", str(NAV), "--grid", "inner.lr=0.1,-2", "--out", str(tmp_path / "s"), timeout=120)
     assert result.returncode == 2 and "sweep setting inner.lr=-2 (seed 0)" in result.stderr
+    result = _cli(
+        "sweep", str(NAV), "--cpus", "2", "threads=1", "ray.workers=2", "--out", str(tmp_path / "s"), timeout=120
+    )
+    assert result.returncode == 2 and "a trial needs 3 CPUs" in result.stderr and "has 2 (--cpus)" in result.stderr
     result = _cli("sweep", "--resume", "nope", "--out", str(tmp_path / "none"), timeout=120)
     assert result.returncode == 2 and "holds no sweep.json" in result.stderr
     assert not (tmp_path / "s").exists()

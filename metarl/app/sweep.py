@@ -220,16 +220,25 @@ def _write_spec(out: Path, spec: dict[str, Any]) -> None:
         f.write(json.dumps(spec, indent=2) + "\n")
 
 
-def _start_ray(address: str | None, cpus: int | None) -> None:
-    from metarl.rl.sampling.ray_sampler import init_ray
+def _local_cpus(args: argparse.Namespace) -> int | None:
+    """CPUs of the local Ray to start (None: a cluster is joined); a trial must fit in them."""
+    if args.cpus is not None and args.cpus < 1:
+        raise ConfigError(f"--cpus must be >= 1, got {args.cpus}")
+    if args.ray_address or os.environ.get("RAY_ADDRESS"):
+        return None
+    return args.cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
-    if cpus is not None and cpus < 1:
-        raise ConfigError(f"--cpus must be >= 1, got {cpus}")
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    init_ray(address, num_cpus=None if address else (cpus or usable))
+
+def _check_fits(resources: list[dict[str, float]], cpus: int | None) -> None:
+    need = sum(bundle["CPU"] for bundle in resources)
+    if cpus is not None and need > cpus:
+        raise ConfigError(
+            f"a trial needs {need:g} CPUs (threads, plus ray.workers x sampler.physics_threads) and the local Ray "
+            f"has {cpus} (--cpus); lower threads or ray.workers, or raise --cpus"
+        )
 
 
-def new_sweep(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+def new_sweep(args: argparse.Namespace, cpus: int | None) -> tuple[Path, dict[str, Any]]:
     """Plan the trials of ``metarl sweep CONFIG...``, write their run directories and ``sweep.json``."""
     configs, overrides = [], []
     for item in args.args:
@@ -245,6 +254,10 @@ def new_sweep(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     if (out / SPEC).exists():
         raise RunError(f"{out} already holds a sweep; resume it with `metarl sweep --resume {name}` or pick --name")
     trials = plan_trials([Path(c) for c in configs], parse_grid(args.grid or []), parse_seeds(args.seeds), overrides)
+    resources = trial_resources(trials[0]["cfg"], args.gpus_per_trial)
+    if any(trial_resources(t["cfg"], args.gpus_per_trial) != resources for t in trials):
+        raise ConfigError("the sweep's settings ask for different resources (threads, ray.workers); sweep them apart")
+    _check_fits(resources, cpus)
     check_writable(out)
     spec: dict[str, Any] = {
         "name": name,
@@ -253,6 +266,7 @@ def new_sweep(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         "seeds": args.seeds,
         "overrides": overrides,
         "max_failures": args.max_failures,
+        "resources": resources,
         "trials": [],
     }
     for trial in trials:
@@ -269,9 +283,6 @@ def new_sweep(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
                 "num_iterations": trial["cfg"].num_iterations,
             }
         )
-    spec["resources"] = trial_resources(trials[0]["cfg"], args.gpus_per_trial)
-    if any(trial_resources(t["cfg"], args.gpus_per_trial) != spec["resources"] for t in trials):
-        raise ConfigError("the sweep's settings ask for different resources (threads, ray.workers); sweep them apart")
     _write_spec(out, spec)
     return out, spec
 
@@ -285,6 +296,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # SIGTERM (a scheduler, the head node going down) stops the sweep like Ctrl-C; --resume continues it
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
+    cpus = _local_cpus(args)
     if args.resume:
         if args.args:
             raise ConfigError("--resume NAME takes no CONFIG or overrides: the sweep's own are used")
@@ -293,9 +305,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise RunError(f"--resume {args.resume}: {out} holds no {SPEC}; give the sweep's --name (and its --out)")
         spec = json.loads((out / SPEC).read_text())
     else:
-        out, spec = new_sweep(args)
+        out, spec = new_sweep(args, cpus)
     tune_path = out / TUNE_DIR
-    _start_ray(args.ray_address, args.cpus)
+    _check_fits(spec["resources"], cpus)
+    from metarl.rl.sampling.ray_sampler import init_ray
+
+    init_ray(args.ray_address, num_cpus=cpus)
     trainable = _tune_trainable(spec)
     n = len(spec["trials"])
     t0 = time.time()
