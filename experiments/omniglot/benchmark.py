@@ -15,6 +15,7 @@ says how many iterations fitted in the budget.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -108,10 +109,12 @@ def main() -> None:
         "results": rows,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(args.results.read_text()) if args.results.exists() else {"results": {}}
-    previous["results"].update(rows)
-    previous.update({k: v for k, v in record.items() if k != "results"})
-    args.results.write_text(json.dumps(previous, indent=2) + "\n")
+    with open(args.results.with_suffix(".lock"), "w") as lock:  # two benchmarks may finish together
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = json.loads(args.results.read_text()) if args.results.exists() else {"results": {}}
+        previous["results"].update(rows)
+        previous.update({k: v for k, v in record.items() if k != "results"})
+        args.results.write_text(json.dumps(previous, indent=2) + "\n")
     print(f"{'config':<16} {'minutes':>7} {'iters':>6} {'accuracy':>9} {'ci95':>7} {'target':>7}")
     for name, r in rows.items():
         print(
