@@ -110,3 +110,13 @@ def test_a_ray_job_whose_process_is_killed_is_run_again(tmp_path, local_ray):
     assert done == {"a": 49, "b": 9}
     assert time.time() - t0 < 100  # the retry, not the 120 s sleep, produced the result
     assert len(list((tmp_path / "kept").glob("*.pt"))) == 2 and len(lines) == 2
+
+    # an exception of the job itself is not retried: it reaches the caller as itself, not Ray's wrapper
+    def fails(x: int) -> int:
+        raise ValueError(f"bad input {x}")
+
+    runner = JobRunner(tmp_path / "kept", workers=2, log=lines.append)
+    runner.start([Job("bad", fails, (3,))])
+    with pytest.raises(ValueError, match="bad input 3"):
+        runner.results()
+    assert not list((tmp_path / "kept").glob("bad-*.pt"))

@@ -195,18 +195,10 @@ class JobRunner:
                 self.log(f"baseline job {job.name}: {self._progress(i, len(self._todo), t0)}")
         self._todo = []
         if self._error is not None:
+            from ray.exceptions import RayTaskError
+
             error, self._error = self._error, None
-            if isinstance(error, ray_task_error()):
-                cause = error.cause if getattr(error, "cause", None) is not None else error
-                raise cause from None
+            if isinstance(error, RayTaskError) and error.cause is not None:
+                raise error.cause from None  # the job's own exception, not Ray's wrapper
             raise error
         return {job.name: self._results[job.name] for job in self._jobs}
-
-
-def ray_task_error() -> type[BaseException]:
-    """Ray's wrapper of an exception raised inside a task (a class that never matches without Ray)."""
-    try:
-        from ray.exceptions import RayTaskError
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return type("NoRayTaskError", (Exception,), {})
-    return RayTaskError
