@@ -326,7 +326,8 @@ def evaluate_with_baselines(
     }
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -343,7 +344,7 @@ def evaluate_baselines_command(args, exp, run_dir: Path, iteration: int, num_tas
     oracle_tasks = min(args.oracle_tasks, num_tasks)
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    jobs = args.jobs or _usable_cores()
+    jobs = args.jobs or usable_cores()
     t0 = time.perf_counter()
     result = evaluate_with_baselines(
         exp,

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metarl.app.compare import DEFAULT_METRICS
+from metarl.app.comparisons import usable_cores
 from metarl.core.atomic import atomic_open
 from metarl.core.config import ConfigError
 from metarl.core.config_files import dump_config, is_override
@@ -42,8 +44,8 @@ from metarl.runs.rundir import CHECKPOINT, CONFIG, RunError, check_writable, loc
 
 SPEC = "sweep.json"
 TUNE_DIR = "tune"
-#: The metric shown in the progress lines: the first one a trial logs.
-SHOWN = ("return/post_adapt", "val/accuracy_post_adapt", "val/mse_post_adapt", "train/loss")
+#: The metric shown in the progress lines: the first one a trial logs (``metarl compare``'s defaults first).
+SHOWN = (*DEFAULT_METRICS, "train/loss")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def _local_cpus(args: argparse.Namespace) -> int | None:
         raise ConfigError(f"--cpus must be >= 1, got {args.cpus}")
     if args.ray_address or os.environ.get("RAY_ADDRESS"):
         return None
-    return args.cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return args.cpus or usable_cores()
 
 
 def _check_fits(resources: list[dict[str, float]], cpus: int | None) -> None:
