@@ -1,6 +1,6 @@
 """A multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head that runs no
 workers, as on a real cluster, and three nodes of one CPU each): rollout workers spread over the
-nodes, and a node lost mid-call."""
+nodes, a node lost mid-call, and a run without an address that starts its own Ray beside it."""
 
 from __future__ import annotations
 
@@ -92,3 +92,20 @@ def test_losing_the_node_of_a_worker_mid_call_completes_the_call(cluster):
         assert victim_id not in sampler.worker_nodes()
     finally:
         sampler.close()
+
+
+def test_a_run_without_an_address_starts_its_own_ray_beside_a_running_cluster(cluster):
+    """`ray.init()` with no address joins the cluster last started on the machine (Ray records it in
+    its temp dir); metarl's own Ray, asked for with no address, is a new local one of the CPUs it wants."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from metarl.rl.sampling import init_ray; import ray; init_ray(num_cpus=2); "
+        "print(len(ray.nodes()), ray.cluster_resources()['CPU'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "2.0"]  # the cluster has 4 nodes and 3 CPUs

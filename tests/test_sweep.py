@@ -115,11 +115,15 @@ def _lock_is_free(run_dir: Path) -> bool:
         return True
 
 
-def _wait(condition, what: str, timeout: float = 300) -> None:
+def _wait(condition, what: str, timeout: float = 300, driver: subprocess.Popen | None = None, log=None) -> None:
+    """Poll ``condition``; fail after ``timeout`` s, or at once if ``driver`` ended (with its log's end)."""
     deadline = time.time() + timeout
     while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+        ended = driver is not None and driver.poll() is not None
+        if ended or time.time() > deadline:
+            tail = "\n".join(Path(log).read_text().splitlines()[-30:]) if log else ""
+            why = f"the driver ended (exit {driver.returncode})" if ended else "timed out"
+            raise AssertionError(f"{why} waiting for {what}; the driver's log ends:\n{tail}")
         time.sleep(0.02)
 
 
@@ -133,10 +137,11 @@ def test_sweep_survives_a_killed_trial_and_a_killed_driver(tmp_path):
     command = [sys.executable, "-m", "metarl", "sweep", str(NAV), "--seeds", "0-1", "--grid", "inner.lr=0.05,0.1"]
     command += ["--name", "t", "--out", str(out), "--cpus", "2", *SMALL]
     env = {**os.environ, "METARL_SWEEP_PROGRESS_S": "0"}
-    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 (closed below, once the driver is gone)
+    driver_log = tmp_path / "driver.log"
+    log = open(driver_log, "w")  # noqa: SIM115 (closed below, once the driver is gone)
     driver = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait(lambda: (out / "sweep.json").exists(), "sweep.json")
+        _wait(lambda: (out / "sweep.json").exists(), "sweep.json", driver=driver, log=driver_log)
         trials = {t["name"]: Path(t["run_dir"]) for t in json.loads((out / "sweep.json").read_text())["trials"]}
         assert sorted(trials) == [
             "inner.lr=0.05-seed0",
@@ -145,7 +150,7 @@ def test_sweep_survives_a_killed_trial_and_a_killed_driver(tmp_path):
             "inner.lr=0.1-seed1",
         ]
         first = trials["inner.lr=0.05-seed0"]
-        _wait(lambda: _count(first) >= 5, "5 iterations of the first trial")
+        _wait(lambda: _count(first) >= 5, "5 iterations of the first trial", driver=driver, log=driver_log)
         os.kill(_lock_holder(first), signal.SIGKILL)
         # kill the driver once Tune has restarted that trial, a trial has finished and another is mid-run
         restarted = "trial inner.lr=0.05-seed0: failed; restarting it from its last checkpoint (failure 1 of at most 3)"
@@ -154,12 +159,10 @@ def test_sweep_survives_a_killed_trial_and_a_killed_driver(tmp_path):
             return [_count(d) for d in trials.values()]
 
         _wait(
-            lambda: (
-                restarted in (tmp_path / "driver.log").read_text()
-                and 30 in counts()
-                and any(1 <= n <= 20 for n in counts())
-            ),
+            lambda: restarted in driver_log.read_text() and 30 in counts() and any(1 <= n <= 20 for n in counts()),
             "a finished trial and one mid-run",
+            driver=driver,
+            log=driver_log,
         )
         at_kill = {n: _count(d) for n, d in trials.items()}
         # the whole machine goes down: the driver, and at once the trials it ran (Ray would end them

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Start or join Ray once per process (no-op if it is already initialised).
 
-    ``address`` None: ``RAY_ADDRESS`` if set, else a new local Ray with ``num_cpus`` CPUs. The
+    ``address`` None: ``RAY_ADDRESS`` if set, else a new local Ray with ``num_cpus`` CPUs (never a
+    cluster that something else started on this machine, which ``ray.init()`` would join). The
     dashboard of a local Ray is off; a cluster keeps whatever its ``ray start`` chose.
     """
     import ray
@@ -55,6 +56,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         "configure_logging": True,
     }
     if address is None:
+        # "local", not None: with None, ray.init joins the cluster last started on this machine
+        # (Ray records it in its temp dir, ``ray_current_cluster``), even one from another program
+        address = "local"
         kwargs["num_cpus"] = num_cpus
         # the sampler's workers import metarl, envs and agents from the project root
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
