@@ -1,5 +1,6 @@
 """Meta-World's own evaluation protocol: every kind of agent runs ``metalearning_evaluation`` on a
-tiny run, and the adaptation episodes are cut from the collected steps exactly."""
+tiny run, the adaptation episodes are cut from the collected steps exactly, and every sub-env's
+evaluation episodes are counted (beside Metaworld 3.0's own first-per-class count)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 import metarl
 from metarl.app.metaworld_agent import GradientAgent, InferenceAgent, RecurrentAgent, _episodes_of
-from metarl.app.metaworld_eval import score
+from metarl.app.metaworld_eval import evaluate_every_sub_env, score
 
 ROOT = Path(__file__).resolve().parents[1]
 PEARL_TINY = [
@@ -58,6 +59,62 @@ def test_collected_steps_become_each_sub_envs_episodes():
     assert eps.mask[0, :, 0].tolist() == [1, 1, 0, 0, 0]
 
 
+class _ScriptedEnvs:
+    """Two reach-v3 sub-envs with scripted episodes, one reward per step: sub-env 0's episodes succeed
+    and end (terminate on success) at their 2nd step; sub-env 1's are truncated at step 5, unsuccessful."""
+
+    num_envs = 2
+
+    def __init__(self):
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+        self.class_name = ALL_V3_ENVIRONMENTS["reach-v3"].__name__
+        self.t = np.zeros(2, dtype=int)
+        self.terminate_on_success = False
+
+    def get_attr(self, name):
+        return {"terminate_on_success": (self.terminate_on_success,) * 2, "task_name": (self.class_name,) * 2}[name]
+
+    def call(self, name, *args):
+        assert name == "toggle_terminate_on_success"
+        self.terminate_on_success = args[0]
+
+    def reset(self):
+        self.t[:] = 0
+        return np.zeros((2, 1)), {}
+
+    def step(self, actions):
+        assert self.terminate_on_success  # the evaluation runs with it on
+        self.t += 1
+        terminated, truncated = np.array([self.t[0] == 2, False]), np.array([False, self.t[1] == 5])
+        done = terminated | truncated
+        info = {"final_info": {"episode": {"r": self.t.astype(float)}, "success": np.array([True, False]) & done}}
+        self.t[done] = 0
+        return np.zeros((2, 1)), np.ones(2), terminated, truncated, info
+
+
+class _ZeroAgent:
+    def eval_action(self, obs):
+        return np.zeros((len(obs), 4))
+
+    def reset(self, mask):
+        pass
+
+
+def test_every_sub_envs_episodes_are_counted_and_metaworlds_count_is_kept():
+    """By hand, 2 episodes each: sub-env 0 succeeds twice (episodes of 2 steps), sub-env 1 fails twice
+    (5 steps): success 0.5, return (2 + 2 + 5 + 5) / 4. Metaworld 3.0 counts the first 2 episodes of
+    the class to finish, both sub-env 0's: success 1.0, return 2. Its own ``evaluation`` agrees."""
+    from metaworld.evaluation import evaluation
+
+    envs = _ScriptedEnvs()
+    every, shipped = evaluate_every_sub_env(_ZeroAgent(), envs, num_episodes=2)
+    assert every == {"success": 0.5, "return": 3.5, "per_task": {"reach-v3": 0.5}}
+    assert shipped == (1.0, 2.0, {"reach-v3": 1.0}, {"reach-v3": [2.0, 2.0]})
+    assert not envs.terminate_on_success  # the toggle is put back
+    assert evaluation(_ZeroAgent(), _ScriptedEnvs(), 2) == shipped
+
+
 @pytest.mark.parametrize(
     "config, extra, kind",
     [
@@ -99,6 +156,21 @@ def test_agents_run_metaworlds_own_evaluation(tmp_path_factory, config, extra, k
         assert not torch.equal(agent.z[0], agent.z[1])
     else:  # the trial's state ran through adaptation and evaluation
         assert agent.state.shape == (2, 1, 8) and agent.state.abs().max() > 0
+    if config.endswith("maml_trpo.yaml"):  # on real envs, the first-per-class count is Metaworld's own
+        from metaworld.evaluation import evaluation
+
+        counts = []
+        for count in (evaluation, lambda *a: evaluate_every_sub_env(*a)[1]):
+            envs = make_eval_envs(meta.cfg, meta_batch_size=2)
+            envs.call("toggle_sample_tasks_on_reset", False)  # goals as metalearning_evaluation sets them
+            envs.call("sample_tasks")
+            agent = meta.metaworld_agent(seed=3)
+            agent.init()
+            try:
+                counts.append(count(agent, envs, 2))
+            finally:
+                envs.close()
+        assert counts[0] == counts[1] and len(counts[0][3]["reach-v3"]) == 2
     if config.endswith("maml_trpo.yaml"):  # score() is the same protocol with the run's settings
         assert set(score(meta, num_evals=1, adaptation_episodes=1, evaluation_episodes=1, meta_batch_size=2)[2]) == {
             "reach-v3"
@@ -128,6 +200,8 @@ def test_cli_evaluate_metaworld_writes_success_rates_per_split(tmp_path_factory)
         assert len(rounds) == 2 and r["steps"] == [1] and set(r["per_task"]) == {"reach-v3"}
         assert r["mean"] == [pytest.approx(np.mean(rounds))]  # the CI is over the rounds
         assert r["ci95"] == [pytest.approx(1.96 * np.std(rounds, ddof=1) / np.sqrt(2))]
+        shipped = [x["metaworld_3_0"]["success"] for x in r["rounds"]]
+        assert r["metaworld_3_0"]["mean"] == [pytest.approx(np.mean(shipped))]
         for i, x in enumerate(r["rounds"]):  # one progress line per round, with that round's figures
             assert (
                 f"{split} split: round {i + 1}/2, success {x['success']:.3f}, return {x['return']:.1f}" in result.stderr

@@ -211,9 +211,10 @@ def _evaluate_metaworld(args: argparse.Namespace, cfg: Any, run_dir: Path) -> in
     finally:
         meta.experiment.close()
     print(f"{run_dir}: Meta-World success rate, {args.num_evals} rounds ({time.perf_counter() - t0:.1f} s)")
-    print(f"{'split':>6}  {'success':>8}  {'ci95':>6}")
+    print(f"{'split':>6}  {'success':>8}  {'ci95':>6}  Metaworld 3.0's count (first episodes per class)")
     for split, r in result["splits"].items():
-        print(f"{split:>6}  {r['mean'][0]:>8.3f}  {r['ci95'][0]:>6.3f}")
+        first = r["metaworld_3_0"]
+        print(f"{split:>6}  {r['mean'][0]:>8.3f}  {r['ci95'][0]:>6.3f}  {first['mean'][0]:.3f} +- {first['ci95'][0]:.3f}")
     text = json.dumps(result, indent=2) + "\n"
     for path in [run_dir / "eval_metaworld.json"] + ([Path(args.json)] if args.json else []):
         _write_text(path, text)

@@ -4,6 +4,16 @@
 (:func:`eval_env_settings`: how each class's goals are dealt to the sub-envs);
 :func:`evaluate_splits` runs the protocol on the train and test splits (``metarl evaluate
 --metaworld``) and :func:`score` one split, with the run's agent (:mod:`metarl.app.metaworld_agent`).
+
+Every sub-env's episodes are counted. Meta-World documents its meta-RL protocol as evaluating each
+adapted sub-env for ``evaluation_episodes`` episodes and averaging within each sub-env, then across
+them; Metaworld 3.0's ``evaluation`` instead stops once each task *class* has that many finished
+episodes, and with ``terminate_on_success`` a successful episode ends early, so the first
+episodes to finish are the successes: for ML1 (20 sub-envs of one class, 3 episodes) the shipped
+figure is about "did 3 of 20 sub-envs succeed before the others' 500 steps". :func:`evaluate_every_sub_env`
+runs ``metalearning_evaluation``'s evaluation step to the documented count and also computes the
+shipped figure from the same episodes (its loop steps the same envs with the same actions, so its
+first episodes are these), recorded as ``metaworld_3_0``.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -65,6 +76,55 @@ def make_eval_envs(cfg: Any, *, split: str = "test", meta_batch_size: int | None
     return make(cfg.env["task_name"] if benchmark == "ML1" else benchmark, **kwargs)
 
 
+def evaluate_every_sub_env(agent: Any, envs: Any, num_episodes: int) -> tuple[dict[str, Any], tuple]:
+    """Meta-World's ``evaluation`` step run until every sub-env has ``num_episodes`` finished episodes.
+
+    Steps, resets and the terminate-on-success toggle are those of ``metaworld.evaluation.evaluation``.
+    Returns the documented figures (success rate within each sub-env, averaged over each class's
+    sub-envs, then over classes; mean return of every counted episode; success per class) and the
+    4-tuple Metaworld 3.0's ``evaluation`` returns, computed from the first ``num_episodes`` episodes
+    to finish in each class (its own count)."""
+    from metaworld.evaluation import _get_task_names
+
+    terminate_on_success = bool(np.all(envs.get_attr("terminate_on_success")))
+    envs.call("toggle_terminate_on_success", True)
+    obs, _ = envs.reset()
+    agent.reset(np.ones(envs.num_envs, dtype=np.bool_))
+    names = _get_task_names(envs)
+    episodes: list[list[tuple[float, bool]]] = [[] for _ in range(envs.num_envs)]  # per sub-env, in order
+    # in the order they finish; keyed in set order, as metalearning_evaluation reads the values by it
+    by_class: dict[str, list[tuple[float, bool]]] = {name: [] for name in set(names)}
+    while any(len(e) < num_episodes for e in episodes):
+        obs, _, terminations, truncations, infos = envs.step(agent.eval_action(obs))
+        dones = np.logical_or(terminations, truncations)
+        agent.reset(dones)
+        for i in np.flatnonzero(dones):
+            episode = (float(infos["final_info"]["episode"]["r"][i]), bool(infos["final_info"]["success"][i]))
+            by_class[names[i]].append(episode)
+            if len(episodes[i]) < num_episodes:
+                episodes[i].append(episode)
+    envs.call("toggle_terminate_on_success", terminate_on_success)
+
+    per_class = {
+        name: float(np.mean([np.mean([s for _, s in episodes[i]]) for i in range(len(names)) if names[i] == name]))
+        for name in by_class
+    }
+    every = {
+        "success": float(np.mean(list(per_class.values()))),
+        "return": float(np.mean([r for e in episodes for r, _ in e])),
+        "per_task": per_class,
+    }
+    first = {name: e[:num_episodes] for name, e in by_class.items()}
+    shipped_per_class = {name: sum(s for _, s in e) / num_episodes for name, e in first.items()}
+    shipped = (
+        float(np.mean(list(shipped_per_class.values()))),
+        float(np.mean([[r for r, _ in e] for e in first.values()])),
+        shipped_per_class,
+        {name: [r for r, _ in e] for name, e in first.items()},
+    )
+    return every, shipped
+
+
 def evaluate_splits(
     meta: Any,
     *,
@@ -82,6 +142,7 @@ def evaluate_splits(
     ``metarl evaluate``'s JSON with ``"metric": "success"`` (``steps``: the adaptation steps
     taken), the success rate per task name, the mean return and every round's figures.
     ``progress`` gets one line per round (split, round, success, return, time left)."""
+    import metaworld.evaluation
     from metaworld.evaluation import metalearning_evaluation
 
     from metarl.runs.experiment import mean_and_ci95
@@ -89,6 +150,7 @@ def evaluate_splits(
     steps = default_adaptation_steps(meta)
     settings = {
         "protocol": "metaworld.evaluation.metalearning_evaluation",
+        "counted": "every sub-env's evaluation episodes (metaworld_3_0: the shipped evaluation's first per class)",
         "num_evals": num_evals,
         "adaptation_steps": steps,
         "adaptation_episodes": adaptation_episodes,
@@ -107,23 +169,42 @@ def evaluate_splits(
         rounds = []
         try:
             for _ in range(num_evals):
-                success, mean_return, per_task = metalearning_evaluation(
-                    agent,
-                    envs,
-                    num_evals=1,
-                    adaptation_steps=steps,
-                    adaptation_episodes=adaptation_episodes,
-                    evaluation_episodes=evaluation_episodes,
-                )
+                counted: list[dict[str, Any]] = []
+
+                def evaluation(agent, envs, num_episodes, counted=counted):
+                    every, shipped = evaluate_every_sub_env(agent, envs, num_episodes)
+                    counted.append(every)
+                    return shipped
+
+                # Meta-World's adaptation, then its evaluation step counting every sub-env
+                with mock.patch.object(metaworld.evaluation, "evaluation", evaluation):
+                    shipped_success, shipped_return, shipped_per_task = metalearning_evaluation(
+                        agent,
+                        envs,
+                        num_evals=1,
+                        adaptation_steps=steps,
+                        adaptation_episodes=adaptation_episodes,
+                        evaluation_episodes=evaluation_episodes,
+                    )
+                (every,) = counted
+                success, mean_return = every["success"], every["return"]
                 rounds.append(
-                    {"success": success, "return": mean_return, "per_task": {k: float(v) for k, v in per_task.items()}}
+                    {
+                        **every,
+                        "metaworld_3_0": {
+                            "success": shipped_success,
+                            "return": shipped_return,
+                            "per_task": {k: float(v) for k, v in shipped_per_task.items()},
+                        },
+                    }
                 )
                 done += 1
                 if progress is not None:
                     elapsed = time.perf_counter() - t0
                     progress(
                         f"{split} split: round {len(rounds)}/{num_evals}, success {success:.3f}, "
-                        f"return {mean_return:.1f} ({elapsed / 60:.1f} min, about "
+                        f"return {mean_return:.1f} (Metaworld 3.0's count: {shipped_success:.3f}) "
+                        f"({elapsed / 60:.1f} min, about "
                         f"{elapsed / done * (total - done) / 60:.1f} min left)"
                     )
         finally:
@@ -138,6 +219,7 @@ def evaluate_splits(
             }
             for name in names
         }
+        shipped = mean_and_ci95(np.array([[r["metaworld_3_0"]["success"]] for r in rounds]))
         splits[split] = {
             "metric": "success",
             "steps": [steps],
@@ -146,6 +228,11 @@ def evaluate_splits(
             "num_evals": num_evals,
             "per_task": per_task,
             "mean_return": float(np.mean([r["return"] for r in rounds])),
+            "metaworld_3_0": {
+                "mean": shipped["mean"],
+                "ci95": shipped["ci95"],
+                "mean_return": float(np.mean([r["metaworld_3_0"]["return"] for r in rounds])),
+            },
             "rounds": rounds,
         }
     return {"metric": "success", "settings": settings, "splits": splits}
