@@ -214,7 +214,8 @@ def _evaluate_metaworld(args: argparse.Namespace, cfg: Any, run_dir: Path) -> in
     print(f"{'split':>6}  {'success':>8}  {'ci95':>6}  Metaworld 3.0's count (first episodes per class)")
     for split, r in result["splits"].items():
         first = r["metaworld_3_0"]
-        print(f"{split:>6}  {r['mean'][0]:>8.3f}  {r['ci95'][0]:>6.3f}  {first['mean'][0]:.3f} +- {first['ci95'][0]:.3f}")
+        print(f"{split:>6}  {r['mean'][0]:>8.3f}  {r['ci95'][0]:>6.3f}  ", end="")
+        print(f"{first['mean'][0]:.3f} +- {first['ci95'][0]:.3f}")
     text = json.dumps(result, indent=2) + "\n"
     for path in [run_dir / "eval_metaworld.json"] + ([Path(args.json)] if args.json else []):
         _write_text(path, text)
