@@ -142,19 +142,25 @@ def curves_by_env_steps(folder: str) -> None:
 def table() -> str:
     """The README's Meta-World table: one row per recorded run, the paper's figures beside."""
     columns = ["benchmark", "task", "algorithm", "env steps", "train h", "meta-train success", "meta-test success"]
-    columns.append("Yu et al. 2019 (train / test)")
+    columns += ["Metaworld 3.0's count (train / test)", "Yu et al. 2019 (train / test)"]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     recorded = json.loads(METAWORLD.read_text()) if METAWORLD.is_file() else {}
     for config, r in sorted(recorded.items()):
         folder, algorithm = config.split("/")
         benchmark = "ML10" if folder == "metaworld_ml10" else "ML1"
         task = "10 train / 5 test classes" if benchmark == "ML10" else folder.removeprefix("metaworld_ml1_") + "-v3"
-        cells = []
+        cells, first = [], []
         for split in ("train", "test"):
             s = r["splits"][split]
-            cells.append(f"{100 * s['mean'][0]:.1f} ± {100 * s['ci95'][0]:.1f}%")
+            if "metaworld_3_0" in s:  # every sub-env's episodes, and Metaworld 3.0's first-per-class count
+                cells.append(f"{100 * s['mean'][0]:.1f} ± {100 * s['ci95'][0]:.1f}%")
+                first.append(f"{100 * s['metaworld_3_0']['mean'][0]:.1f}")
+            else:  # recorded before every sub-env was counted: its figure is Metaworld 3.0's count
+                cells.append("not measured")
+                first.append(f"{100 * s['mean'][0]:.1f}")
         paper = PUBLISHED.get((benchmark, algorithm))
         row = [benchmark, task, algorithm, f"{r['env_steps'] / 1e6:.1f}M", f"{r['train_minutes'] / 60:.1f}", *cells]
+        row.append(" / ".join(first) + "%")
         row.append(f"{paper[0]} / {paper[1]}" if paper else "")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
