@@ -203,6 +203,32 @@ def test_sweep_survives_a_killed_trial_and_a_killed_driver(tmp_path):
     assert _learning(_rows(first)) != _learning(_rows(trials["inner.lr=0.05-seed1"]))
 
 
+def test_a_sweep_stopped_by_ctrl_c_says_what_is_left_and_how_to_resume(tmp_path):
+    """SIGINT to the driver (Ctrl-C): Tune stops, and the summary lists every trial (the running one
+    stopped, the other not started) with the --resume command; exit 1, no traceback."""
+    pytest.importorskip("ray.tune")
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "metarl", "sweep", str(NAV), "--seeds", "0-1", "--name", "c", "--out", str(out)]
+    command += ["--cpus", "1", *SMALL]
+    env = {**os.environ, "METARL_SWEEP_PROGRESS_S": "0"}
+    driver_log = tmp_path / "driver.log"
+    with open(driver_log, "w") as log:
+        driver = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait(lambda: _count(out / "maml_trpo-seed0") >= 3, "3 iterations", driver=driver, log=driver_log)
+            driver.send_signal(signal.SIGINT)
+            assert driver.wait(timeout=120) == 1
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    text = driver_log.read_text()
+    # the driver's own output has no traceback (a stopped trial's worker may log Ray's teardown)
+    assert not any(line.startswith("Traceback") for line in text.splitlines()), text
+    states = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("maml_trpo-seed")}
+    assert states == {"maml_trpo-seed0": "stopped", "maml_trpo-seed1": "pending"}, text
+    assert f"metarl sweep --resume c --out {out}" in text and "0 of 2 trials done" in text
+
+
 def test_a_path_holding_an_equals_sign_is_not_an_override():
     from metarl.core.config_files import is_override
 

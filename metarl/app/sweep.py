@@ -334,21 +334,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             ),
         )
     results = tuner.fit()
+    # every trial of the plan: one Tune never started (a sweep stopped by Ctrl-C) has no config
+    by_name = {r.config["trial"]["name"]: r for r in results if r.config}
     summary = []
-    for result in results:
-        name = result.config["trial"]["name"]
-        shown = next((k for k in SHOWN if k in (result.metrics or {})), None)
-        value = f"{result.metrics[shown]:.4g}" if shown else "-"
-        state = "failed" if result.error else "done"
-        summary.append((name, state, (result.metrics or {}).get("iterations_done", 0), shown or "", value))
-    failed = sum(state == "failed" for _, state, *_ in summary)
+    for trial in spec["trials"]:
+        result = by_name.get(trial["name"])
+        metrics = (result.metrics if result else None) or {}
+        done = metrics.get("iterations_done", 0)
+        shown = next((k for k in SHOWN if k in metrics), None)
+        value = f"{metrics[shown]:.4g}" if shown else "-"
+        if result is not None and result.error:
+            state = "failed"
+        else:
+            state = "done" if done >= trial["num_iterations"] else "stopped" if done else "pending"
+        summary.append((trial["name"], state, done, shown or "", value))
+    states = [state for _, state, *_ in summary]
     print(f"{'trial':<36} {'state':<7} {'iterations':>10}  last")
     for name, state, done, shown, value in sorted(summary):
         print(f"{name:<36} {state:<7} {done:>10.0f}  {shown} {value}")
-    print(f"{n - failed} of {n} trials done in {(time.time() - t0) / 60:.1f} min; next: metarl compare {out}")
-    if failed:
-        print(f"{failed} trials failed; see {tune_path}; `metarl sweep --resume {spec['name']}` retries them")
-    return 1 if failed else 0
+    finished = states.count("done")
+    print(f"{finished} of {n} trials done in {(time.time() - t0) / 60:.1f} min; next: metarl compare {out}")
+    if finished < n:
+        print(
+            f"{states.count('failed')} failed, {n - finished - states.count('failed')} stopped or not started; "
+            f"`metarl sweep --resume {spec['name']} --out {out}` continues them (Tune's records: {tune_path})"
+        )
+    return 0 if finished == n else 1
 
 
 def add_parser(sub: Any) -> None:
