@@ -249,7 +249,8 @@ def score(
     meta_batch_size: int | None = None,
     seed: int = 0,
 ) -> tuple[float, float, dict[str, float]]:
-    """``metaworld.evaluation.metalearning_evaluation`` of a run's agent: mean success rate, mean
+    """``metaworld.evaluation.metalearning_evaluation`` of a run's agent as Metaworld 3.0 ships it
+    (its first-per-class count, not :func:`evaluate_splits`' every sub-env): mean success rate, mean
     return, success rate per task name. ``adaptation_steps``: default the run's inner steps (RL^2: 1,
     one batch of ``adaptation_episodes`` episodes of the trial)."""
     from metaworld.evaluation import metalearning_evaluation
