@@ -120,6 +120,25 @@ def test_compare_figures_and_files(sweep, tmp_path):
     assert by_steps["settings"]["algorithm=reptile"]["curve"]["x"] == [100.0, 200.0, 300.0]
 
 
+def test_a_run_with_fewer_iterations_than_its_setting_is_named_and_can_be_left_out(tmp_path, capsys):
+    base = tmp_path / "sweep"
+    for seed in range(3):
+        _run(base, f"maml-{seed}", algorithm="maml_trpo", seed=seed, returns=[-50.0, -40.0, -10.0 - seed])
+    short = _run(base, "maml-3", algorithm="maml_trpo", seed=3, returns=[-50.0, -44.0])  # still running
+    kept = compare([base], tmp_path / "kept", tensorboard=False)
+    assert kept["short_runs"] == {str(short): {"iterations": 2, "longest": 3}}
+    maml = kept["settings"]["Navigation2D/maml_trpo"]
+    assert maml["final_scores"] == [-10.0, -11.0, -12.0, -44.0]  # the short run's score is from iteration 1
+    assert maml["curve"]["x"] == [0.0, 1.0]  # the curves stop where it stops
+    dropped = compare([base], tmp_path / "dropped", tensorboard=False, drop_short=True)
+    maml = dropped["settings"]["Navigation2D/maml_trpo"]
+    assert maml["final_scores"] == [-10.0, -11.0, -12.0] and maml["curve"]["x"] == [0.0, 1.0, 2.0]
+    assert main(["compare", str(base), "--out", str(tmp_path / "o"), "--drop-short"]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: {short} logged 2 iterations, its setting's longest run 3: left out" in captured.err
+    assert "(3 runs)" in captured.out
+
+
 def test_cli_compare_and_its_errors(sweep, tmp_path, capsys):
     assert main(["compare", str(sweep), "--out", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out

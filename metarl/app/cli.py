@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--x", default="iteration", help="x axis of the curves: iteration (default) or env_steps")
     co.add_argument("--last", type=int, default=1, help="final score: mean of the last N logged values (default 1)")
     co.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    co.add_argument(
+        "--drop-short", action="store_true", help="leave out runs with fewer iterations than their setting's longest"
+    )
     co.add_argument("--out", help="output folder (default: compare/ inside the first path)")
     co.set_defaults(func=cmd_compare)
     add_sweep_parser(sub)

@@ -12,6 +12,9 @@ settings (``algorithm=maml_trpo``, ``inner.lr=0.1``). For each setting:
   with a 95% stratified bootstrap interval (``scipy.stats.bootstrap``, percentile method): the runs
   of each task family are one stratum, resampled within itself (with one family, this is the
   bootstrap over seeds);
+- **short runs**: a run that logged fewer iterations than the longest run of its setting (a trial
+  still running, or one stopped early) is named in ``short_runs``: its final score comes from an
+  earlier point and the curves stop where it stops; ``drop_short`` leaves such runs out;
 - **probability of improvement** of each setting over each other, ``P(X > Y) + P(X = Y) / 2`` for
   the final scores ``X``, ``Y`` of two settings (the Mann-Whitney U statistic over ``n m``, written
   out so that the bootstrap can evaluate all resamples at once; tested against
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +94,19 @@ def group_runs(run_dirs: Sequence[Path], configs: dict[Path, Any] | None = None)
         )
         groups[name] = sorted(runs)
     return dict(sorted(groups.items()))
+
+
+def short_runs(groups: dict[str, list[Path]], rows: dict[Path, list[dict[str, Any]]]) -> dict[Path, tuple[int, int]]:
+    """Runs that logged fewer iterations than the longest run of their setting: ``{run: (iterations,
+    longest)}``, counting iterations as the last logged ``iteration`` + 1."""
+    length = {
+        run: 1 + max((int(r["iteration"]) for r in rs if "iteration" in r), default=-1) for run, rs in rows.items()
+    }
+    short = {}
+    for members in groups.values():
+        longest = max(length[r] for r in members)
+        short.update({r: (length[r], longest) for r in members if length[r] < longest})
+    return short
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +229,7 @@ def compare(
     last: int = 1,
     seed: int = 0,
     tensorboard: bool = True,
+    drop_short: bool = False,
 ) -> dict[str, Any]:
     """Group the runs under ``paths`` by setting and write the comparison into ``out`` (see the
     module docstring); returns what ``compare.json`` holds."""
@@ -223,8 +241,13 @@ def compare(
     rows = {run: read_rows(run) for run in runs}
     metric = metric_of(list(rows.values()), metric)
     families = {run: configs[run].family for run in runs}
+    short = short_runs(groups, rows)
+    if drop_short:
+        groups = {name: [r for r in members if r not in short] for name, members in groups.items()}
 
     result: dict[str, Any] = {"metric": metric, "x": x, "last": last, "level": LEVEL, "settings": {}}
+    result["short_runs"] = {str(r): {"iterations": n, "longest": m} for r, (n, m) in short.items()}
+    result["dropped_short_runs"] = drop_short
     scores: dict[str, list[float]] = {}
     for name, members in groups.items():
         scores[name] = [final_score(rows[r], metric, last) for r in members]
@@ -342,7 +365,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """``metarl compare``: the comparison of the runs under ``args.paths``, printed and written."""
     out = Path(args.out) if args.out else Path(args.paths[0]) / "compare"
     with writing(out):
-        result = compare(args.paths, out, metric=args.metric, x=args.x, last=args.last, seed=args.seed)
+        result = compare(
+            args.paths, out, metric=args.metric, x=args.x, last=args.last, seed=args.seed, drop_short=args.drop_short
+        )
+    for run, n in result["short_runs"].items():
+        what = (
+            "left out"
+            if args.drop_short
+            else "its final score is from there and the curves stop there (--drop-short leaves it out)"
+        )
+        print(
+            f"warning: {run} logged {n['iterations']} iterations, its setting's longest run {n['longest']}: {what}",
+            file=sys.stderr,
+        )
     print(table(result))
     print(f"wrote {out}/compare.json, curves.png, final_scores.png, tensorboard/")
     return 0
