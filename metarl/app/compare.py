@@ -368,12 +368,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         result = compare(
             args.paths, out, metric=args.metric, x=args.x, last=args.last, seed=args.seed, drop_short=args.drop_short
         )
+    what = (
+        "left out"
+        if args.drop_short
+        else "its final score is from there and the curves stop there (--drop-short leaves it out)"
+    )
     for run, n in result["short_runs"].items():
-        what = (
-            "left out"
-            if args.drop_short
-            else "its final score is from there and the curves stop there (--drop-short leaves it out)"
-        )
         print(
             f"warning: {run} logged {n['iterations']} iterations, its setting's longest run {n['longest']}: {what}",
             file=sys.stderr,
