@@ -2,8 +2,9 @@
 
 Runs ``metarl train`` then ``metarl evaluate`` for each config, ``--parallel`` runs at a time
 (each config sets ``threads: 1``), and records training wall time and held-out accuracy (mean
-and 95% CI over 600 tasks, after the last evaluated inner step) with the machine and date in
-``experiments/results/omniglot.json``. Usage::
+and 95% CI over 600 tasks, after the last evaluated inner step) in
+``experiments/results/omniglot.json``: each run's row, with the machine and date, as soon as it
+is evaluated. Usage::
 
     python experiments/omniglot/benchmark.py [--out runs/omniglot-bench] [--parallel 2] [--minutes 30] [NAME ...]
 
@@ -101,21 +102,26 @@ def main() -> None:
     args = parser.parse_args()
     names = args.names or sorted(p.stem for p in HERE.glob("*.yaml"))
     args.out.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(args.parallel) as pool:
-        rows = dict(zip(names, pool.map(lambda n: run_one(n, args.out, args.minutes), names)))
     record = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
         "parallel_runs": args.parallel,
-        "results": rows,
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results.with_suffix(".lock"), "w") as lock:  # two benchmarks may finish together
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        previous = json.loads(args.results.read_text()) if args.results.exists() else {"results": {}}
-        previous["results"].update(rows)
-        previous.update({k: v for k, v in record.items() if k != "results"})
-        args.results.write_text(json.dumps(previous, indent=2) + "\n")
+
+    def run_and_record(name: str) -> dict:
+        """Train and evaluate one config and record its row at once, with its machine and date (a
+        stopped benchmark keeps the rows it finished)."""
+        row = {**run_one(name, args.out, args.minutes), **record}
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results.with_suffix(".lock"), "w") as lock:  # two benchmarks may finish together
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            previous = json.loads(args.results.read_text()) if args.results.exists() else {"results": {}}
+            previous["results"][name] = row
+            args.results.write_text(json.dumps(previous, indent=2) + "\n")
+        return row
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        rows = dict(zip(names, pool.map(run_and_record, names)))
     print(f"{'config':<16} {'minutes':>7} {'iters':>6} {'accuracy':>9} {'ci95':>7} {'target':>7}")
     for name, r in rows.items():
         print(
