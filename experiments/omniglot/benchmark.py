@@ -7,6 +7,7 @@ and 95% CI over 600 tasks, after the last evaluated inner step) in
 is evaluated. Usage::
 
     python experiments/omniglot/benchmark.py [--out runs/omniglot-bench] [--parallel 2] [--minutes 30] [NAME ...]
+    python experiments/omniglot/benchmark.py --table      # the README's table, the papers' figures beside
 
 With ``--minutes M`` a training run still going after M minutes is stopped (SIGTERM, which
 ``metarl train`` treats like Ctrl-C) and its last checkpoint is evaluated; the record then
@@ -31,6 +32,29 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 #: Issue targets: 5-way 1-shot and 20-way 1-shot on held-out characters, 20-way 1-shot on unseen alphabets.
 TARGETS = {"5w1s": 0.95, "20w1s": 0.85, "20w1s_alphabets": 0.90}
+#: The table's columns: the settings of experiments/omniglot/<method>_<setting>.yaml.
+SETTINGS = ["5w1s", "5w5s", "20w1s", "20w5s", "20w1s_alphabets"]
+METHODS = ["maml", "fomaml", "reptile", "protonet", "matchingnet", "relationnet", "siamese"]
+METHODS += ["metasgd", "metalstm", "mamlpp", "anil", "imaml", "r2d2"]
+#: Each method's own paper (full Omniglot, 1,200 training characters; 5w1s, 5w5s, 20w1s, 20w5s, %):
+#: MAML Table 1; first-order MAML and Reptile (non-transductive, arXiv v3) from Nichol et al. 2018,
+#: Table 2; ProtoNets Table 1; Matching Networks Table 1 (cosine, no fine-tuning); Relation Networks
+#: Table 1; the convolutional Siamese net as Vinyals et al. 2016 report it (Table 1); Meta-SGD Table 2;
+#: MAML++ (Antoniou et al. 2019; its 5w5s figure is quoted two ways, so left out); ANIL Table 2 (20-way
+#: only). None: not reported (the Meta-Learner LSTM reports miniImageNet only) or not checked here
+#: (iMAML, R2-D2).
+PUBLISHED = {
+    "maml": (98.7, 99.9, 95.8, 98.9),
+    "fomaml": (98.3, 99.2, 89.4, 97.9),
+    "reptile": (95.39, 98.90, 88.14, 96.65),
+    "protonet": (98.8, 99.7, 96.0, 98.9),
+    "matchingnet": (98.1, 98.9, 93.8, 98.5),
+    "relationnet": (99.6, 99.8, 97.6, 99.1),
+    "siamese": (96.7, 98.4, 88.0, 96.5),
+    "metasgd": (99.53, 99.93, 95.93, 98.97),
+    "mamlpp": (99.47, None, 97.65, 99.33),
+    "anil": (None, None, 96.2, 98.0),
+}
 
 
 def run_one(name: str, out: Path, minutes: float | None = None) -> dict:
@@ -92,6 +116,27 @@ def run_one(name: str, out: Path, minutes: float | None = None) -> dict:
     return row
 
 
+def table(results: dict) -> str:
+    """The README's Omniglot table: per method, accuracy (95% CI) of each recorded setting with the
+    paper's figure on full Omniglot in brackets; a figure under the issue's target is marked."""
+    columns = ["method", "5-way 1-shot", "5-way 5-shot", "20-way 1-shot", "20-way 5-shot"]
+    columns += ["20-way 1-shot, unseen alphabets", "training (min, 1-shot 5 / 20-way)"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for method in METHODS:
+        cells, minutes = [], []
+        for i, setting in enumerate(SETTINGS):
+            r = results.get(f"{method}_{setting}")
+            paper = PUBLISHED.get(method, (None,) * 4)[i] if i < 4 else None
+            cell = "-" if r is None else f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f}"
+            if r is not None and r.get("target") is not None:
+                cell = f"**{cell}**" if r["accuracy"] >= r["target"] else f"{cell} (under {100 * r['target']:.0f})"
+            cells.append(cell if paper is None else f"{cell} ({paper})")
+            if setting in ("5w1s", "20w1s"):
+                minutes.append("-" if r is None else f"{r['train_minutes']:g}")
+        lines.append("| " + " | ".join([method, *cells, " / ".join(minutes)]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="config names (default: every YAML here)")
@@ -99,7 +144,11 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--minutes", type=float, default=None, help="stop each training run after this many minutes")
     parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "omniglot.json")
+    parser.add_argument("--table", action="store_true", help="print the README's table of the recorded results")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.results.read_text())["results"]))
+        return
     names = args.names or sorted(p.stem for p in HERE.glob("*.yaml"))
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
