@@ -21,7 +21,8 @@ a checkpoint of every iteration done) once the run's training time passes M minu
 many iterations as fit in an hour". The training time is the sum of the logged
 ``time/iteration`` of a resumed run plus this invocation's wall time, so an hour-long run may be
 split over several invocations (a stopped run resumes where its checkpoint left off, with the
-same result as an uninterrupted one). Overrides apply to every config.
+same result as an uninterrupted one). Overrides apply to every config, and to a resumed run too:
+``num_iterations=N`` extends a finished run to N iterations within the same minutes.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def train(name: str, run_dir: Path, overrides: list[str], minutes: float | None,
     spent = 0.0
     if (run_dir / "config.yaml").exists():
         cmd = [sys.executable, "-m", "metarl", "train", "--resume", "--run-dir", str(run_dir), "--no-progress"]
+        cmd += overrides  # e.g. num_iterations=N extends a finished run
         spent = sum(r["time/iteration"] for r in read_rows(run_dir))
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -140,7 +142,7 @@ def main() -> None:
         key = f"{name}@{args.tag}" if args.tag else name
         run_dir = args.out / (name.replace("/", "-") + (f"-{args.tag}" if args.tag else ""))
         log = (args.out / f"{run_dir.name}.log").open("a")
-        finished = (run_dir / "config.yaml").exists() and len(read_rows(run_dir)) >= _num_iterations(run_dir)
+        finished = (run_dir / "config.yaml").exists() and len(read_rows(run_dir)) >= _num_iterations(run_dir, overrides)
         train_s = None if finished else train(name, run_dir, overrides, args.minutes, log)
         eval_json = None
         if not args.no_eval:
@@ -167,10 +169,12 @@ def main() -> None:
         print(json.dumps({key: shown}), flush=True)
 
 
-def _num_iterations(run_dir: Path) -> int:
+def _num_iterations(run_dir: Path, overrides: list[str]) -> int:
+    """The run's ``num_iterations``, or the value an override gives it (extending a run)."""
     import yaml
 
-    return int(yaml.safe_load((run_dir / "config.yaml").read_text())["num_iterations"])
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("num_iterations=")]
+    return int(given[-1] if given else yaml.safe_load((run_dir / "config.yaml").read_text())["num_iterations"])
 
 
 if __name__ == "__main__":
