@@ -10,7 +10,7 @@
    learner uses the vmap-safe batch norm, as ``batched: true`` configs do).
 
 Records each part with machine and date in ``experiments/results/sinusoid.json`` (a part not
-re-run keeps its earlier record). Usage::
+re-run keeps its earlier record; each trained method as soon as it is evaluated). Usage::
 
     python experiments/sinusoid/benchmark.py [--out runs/sinusoid-bench] [--skip-training | --skip-timing]
         [--methods maml pretrain metasgd ...]
@@ -151,11 +151,13 @@ def main() -> None:
         record["batched_inner_loop"] = {**stamp, **time_batched_vs_loop()}
     if not args.skip_training:
         args.out.mkdir(parents=True, exist_ok=True)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
         regression = record.setdefault("regression", {})
-        for name in args.methods:  # each method's record carries its own machine and date
-            regression[name] = {**train_and_evaluate(name, args.out), **stamp}
         record["paper"] = {"maml": {"mse_1_step": 0.67, "mse_10_steps": 0.35}, "pretrained": {"mse_1_step": 2.41}}
         record["goal"] = {"maml": {"mse_1_step": 0.8, "mse_10_steps": 0.45}}
+        for name in args.methods:  # each method's record carries its own machine and date, written as it finishes
+            regression[name] = {**train_and_evaluate(name, args.out), **stamp}
+            args.results.write_text(json.dumps(record, indent=2) + "\n")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
