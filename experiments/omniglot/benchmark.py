@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import platform
 import signal
@@ -116,6 +117,12 @@ def run_one(name: str, out: Path, minutes: float | None = None) -> dict:
     return row
 
 
+def _percent(fraction: float) -> str:
+    """0.9535 -> "95.4": the recorded 4-decimal fraction as a percentage rounded half up (binary
+    floats would print 95.35 as 95.3)."""
+    return f"{math.floor(fraction * 1000 + 0.5 + 1e-9) / 10:.1f}"
+
+
 def table(results: dict) -> str:
     """The README's Omniglot table: per method, accuracy (95% CI) of each recorded setting with the
     paper's figure on full Omniglot in brackets; a figure under the issue's target is marked."""
@@ -127,7 +134,7 @@ def table(results: dict) -> str:
         for i, setting in enumerate(SETTINGS):
             r = results.get(f"{method}_{setting}")
             paper = PUBLISHED.get(method, (None,) * 4)[i] if i < 4 else None
-            cell = "-" if r is None else f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f}"
+            cell = "-" if r is None else f"{_percent(r['accuracy'])} ± {_percent(r['ci95'])}"
             if r is not None and r.get("target") is not None:
                 cell = f"**{cell}**" if r["accuracy"] >= r["target"] else f"{cell} (under {100 * r['target']:.0f})"
             cells.append(cell if paper is None else f"{cell} ({paper})")
