@@ -648,3 +648,36 @@ def test_sigterm_stops_training_with_ray_workers(tmp_path):
     )
     assert code == 130 and "interrupted" in err and "--resume" in err, err[-2000:]
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == len(read_metrics(run)) >= 1
+
+
+def test_train_stops_when_the_loss_diverges(tmp_path, monkeypatch):
+    """A non-finite training loss stops training at that iteration with one line (exit 1), logs
+    nothing for it and leaves the last checkpoint as it was."""
+    # An inner step of 1e30 makes the post-adaptation loss non-finite from the first iteration.
+    bad = tmp_path / "diverged"
+    rc, _, err = train(bad, *SIN, "inner.lr=1e30")
+    assert rc == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("metarl: error: ")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("metarl: error: iteration 0: train/loss_post_adapt is "), errors
+    assert "training diverged; no checkpoint was written" in errors[0]
+    assert not (bad / "checkpoint.pt").exists()
+    assert read_metrics(bad) == []
+    # A run whose loss turns NaN at iteration 5: its checkpoint of iteration 4 stays, rows 0-4 are logged.
+    from metarl.runs.fewshot import FewShotExperiment
+
+    real = FewShotExperiment.train_iteration
+
+    def nan_at_5(self, it):
+        row = real(self, it)
+        return {**row, "train/loss_post_adapt": float("nan")} if it == 5 else row
+
+    run = tmp_path / "run"
+    ok(train(run, *SIN, "num_iterations=4", "checkpoint_every=2"))
+    good = load_checkpoint(run / "checkpoint.pt")
+    monkeypatch.setattr(FewShotExperiment, "train_iteration", nan_at_5)
+    rc, _, err = cli("train", "--resume", "--run-dir", run, "--no-progress", "num_iterations=8")
+    assert rc == 1, err
+    assert "iteration 5: train/loss_post_adapt is nan: training diverged; the last checkpoint is kept" in err
+    assert [r["iteration"] for r in read_metrics(run)] == [0, 1, 2, 3, 4]
+    assert_same_state(load_checkpoint(run / "checkpoint.pt"), good, "checkpoint")  # iteration 4's, untouched

@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from envs.base import InvalidTask
     from metarl.fewshot.omniglot import OmniglotDataNotFound
+    from metarl.runs.experiment import TrainingDiverged
     from metarl.runs.rundir import RunError, StopRequest
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunError, OmniglotDataNotFound) as exc:
         print(f"metarl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingDiverged as exc:
+        print(f"metarl: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("metarl: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130

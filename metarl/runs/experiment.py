@@ -40,6 +40,19 @@ from metarl.runs.rundir import (
 TRAIN, VAL, TEST = 0, 1, 2
 
 
+class TrainingDiverged(RuntimeError):
+    """A training loss became non-finite: the run stops before checkpointing the bad state."""
+
+
+def nonfinite_loss(row: dict[str, Any]) -> str | None:
+    """The first training loss of an iteration's row (``train/loss*``, ``loss/*``) that is NaN or
+    infinite, or None."""
+    for key, value in row.items():
+        if (key.startswith(("train/loss", "loss/"))) and isinstance(value, float) and not math.isfinite(value):
+            return key
+    return None
+
+
 def split_rng(seed: int, split: int, *keys: int) -> np.random.Generator:
     """The generator of split ``split`` (``TRAIN``, ``VAL``, ``TEST``) under ``seed`` and ``keys``."""
     return np.random.default_rng([seed, split, *keys])
@@ -134,7 +147,8 @@ class Experiment:
 
         ``on_row`` gets each iteration's logged row once it is written and checkpointed (a sweep
         reports it to Ray Tune). A stop request (SIGTERM) ends the loop between iterations with a
-        checkpoint of every iteration done.
+        checkpoint of every iteration done. A non-finite training loss raises ``TrainingDiverged``
+        before that iteration is logged or checkpointed (the last checkpoint stays as it was).
         """
         cfg = self.cfg
         logger = MetricsLogger(run_dir, start=start)
@@ -154,6 +168,13 @@ class Experiment:
                 StopRequest.check(save=keep if it > start else None)  # nothing new to keep before the first
                 t0 = time.perf_counter()
                 row: dict[str, Any] = {"iteration": it, **self.train_iteration(it)}
+                if (bad := nonfinite_loss(row)) is not None:
+                    kept = (run_dir / CHECKPOINT).is_file()
+                    raise TrainingDiverged(
+                        f"iteration {it}: {bad} is {row[bad]}: training diverged; "
+                        + ("the last checkpoint is kept" if kept else "no checkpoint was written")
+                        + " (lower the learning rates, e.g. inner.lr or outer.lr, and train again)"
+                    )
                 if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or it + 1 == cfg.num_iterations):
                     row.update(self.validate())
                 row.update(self.run_metrics())
