@@ -158,6 +158,7 @@ def main() -> None:
         return
     names = args.names or sorted(p.stem for p in HERE.glob("*.yaml"))
     args.out.mkdir(parents=True, exist_ok=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
@@ -168,7 +169,6 @@ def main() -> None:
         """Train and evaluate one config and record its row at once, with its machine and date (a
         stopped benchmark keeps the rows it finished)."""
         row = {**run_one(name, args.out, args.minutes), **record}
-        args.results.parent.mkdir(parents=True, exist_ok=True)
         with open(args.results.with_suffix(".lock"), "w") as lock:  # two benchmarks may finish together
             fcntl.flock(lock, fcntl.LOCK_EX)
             previous = json.loads(args.results.read_text()) if args.results.exists() else {"results": {}}

@@ -147,18 +147,17 @@ def main() -> None:
     unknown = [m for m in args.methods if not (HERE / f"{m}.yaml").exists()]
     if unknown:
         parser.error(f"--methods {' '.join(unknown)}: no such config in experiments/sinusoid/")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_timing:
         record["batched_inner_loop"] = {**stamp, **time_batched_vs_loop()}
     if not args.skip_training:
         args.out.mkdir(parents=True, exist_ok=True)
-        args.results.parent.mkdir(parents=True, exist_ok=True)
         regression = record.setdefault("regression", {})
         record["paper"] = {"maml": {"mse_1_step": 0.67, "mse_10_steps": 0.35}, "pretrained": {"mse_1_step": 2.41}}
         record["goal"] = {"maml": {"mse_1_step": 0.8, "mse_10_steps": 0.45}}
         for name in args.methods:  # each method's record carries its own machine and date, written as it finishes
             regression[name] = {**train_and_evaluate(name, args.out), **stamp}
             args.results.write_text(json.dumps(record, indent=2) + "\n")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 

@@ -48,7 +48,7 @@ def nonfinite_loss(row: dict[str, Any]) -> str | None:
     """The first training loss of an iteration's row (``train/loss*``, ``loss/*``) that is NaN or
     infinite, or None."""
     for key, value in row.items():
-        if (key.startswith(("train/loss", "loss/"))) and isinstance(value, float) and not math.isfinite(value):
+        if key.startswith(("train/loss", "loss/")) and isinstance(value, float) and not math.isfinite(value):
             return key
     return None
 
