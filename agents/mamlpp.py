@@ -14,7 +14,12 @@ parameter tensor (LSLR) and its own batch-norm scale and bias ``gamma_s, beta_s`
   last step's query loss counts, as in MAML (:meth:`MAMLPlusPlus.msl_weights`).
 * Derivative-order annealing (DA): first-order meta-gradients (FOMAML's) for the first
   ``first_order_iterations`` iterations, second order (MAML's) after.
-* LSLR: ``alpha_s[n]`` is meta-learned, initialised to ``inner.lr`` (of step ``s``).
+* LSLR: ``alpha_s[n]`` is meta-learned, initialised to ``inner.lr`` (of step ``s``), and kept
+  non-negative: after each Adam step a rate below zero is set to zero (a projection). The paper does
+  not constrain the rates; unconstrained, on sinusoid (rates 0.01, Adam 1e-3: a tenth of a rate per
+  step) bias rates went negative within 100 iterations, the inner loop climbed the support loss,
+  and a gradient spike stalled Adam until the run went NaN at iteration 9.3k. A zero rate still
+  lets a step leave a tensor unadapted.
 * BNWB: the batch-norm weights and biases of the model are replaced by one set per step, meta-learned
   and not adapted in the inner loop; the query loss after step ``s + 1`` uses step ``s``'s set and
   the loss before adaptation step 0's. The paper's per-step running statistics (BNRS) do not apply:
@@ -190,6 +195,8 @@ class MAMLPlusPlus(MAML):
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
+            for rates in self.modules.lrs.values():
+                rates.clamp_(min=0.0)  # LSLR rates stay step sizes (see the module docstring)
             mean_lr = torch.stack([a.mean() for a in self.modules.lrs.values()]).mean()
         return {
             **means(metrics),

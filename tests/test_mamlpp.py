@@ -163,6 +163,22 @@ def test_the_learned_rates_receive_their_gradient(first_order_iterations):
         assert expected[n].abs() > 1e-8
 
 
+def test_a_rate_pushed_below_zero_is_projected_to_zero():
+    # Adam's first step moves each rate by -outer_lr * g / (|g| + eps); with outer_lr 0.6 from 0.3, a rate whose
+    # gradient is positive (a longer step overshoots) would land near -0.3 and is set to 0, one with a negative
+    # gradient lands near 0.9.
+    model = _mlp()
+    learner = _learner(model, inner_lrs=[0.3], outer_lr=0.6)
+    learner.step(_sine_tasks(), 0)
+    signs = set()
+    for rates in learner.modules.lrs.values():
+        g = rates.grad.item()
+        signs.add(g > 0)
+        expected = max(0.3 - 0.6 * g / (abs(g) + 1e-8), 0.0)
+        assert rates.item() == pytest.approx(expected, rel=1e-6, abs=0.0)
+    assert signs == {True, False}  # both cases happen here
+
+
 # -- (d) per-step batch norm ---------------------------------------------------------------------
 def _conv_task(seed=0):
     g = torch.Generator().manual_seed(seed)
