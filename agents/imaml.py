@@ -86,18 +86,59 @@ def conjugate_gradient(matvec: MatVec, b: Params, steps: int) -> tuple[Params, t
 
 # -- the inner problem ------------------------------------------------------------------------
 def proximal_steps(
-    support_loss: Callable[[Params, int], torch.Tensor], theta: Params, *, lrs: Sequence[float], lam: float
+    support_loss: Callable[[Params, int], torch.Tensor],
+    theta: Params,
+    *,
+    lrs: Sequence[float],
+    lam: float,
+    backtrack: int = 0,
 ) -> list[Params]:
-    """The iterates ``[phi_1, ..., phi_S]`` of gradient descent on ``L_support(phi) +
+    """The iterates ``[phi_1, ..., phi_S]`` of gradient descent on ``F(phi) = L_support(phi) +
     (lam / 2) ||phi - theta||^2`` from ``phi_0 = theta``, one step per learning rate (detached:
-    the meta-gradient is implicit, nothing is differentiated through these steps)."""
+    the meta-gradient is implicit, nothing is differentiated through these steps).
+
+    With ``backtrack = J > 0`` step ``s`` takes the longest of ``lr_s, lr_s / 2, ..., lr_s / 2^J``
+    that does not increase ``F`` (the shortest if none does): all ``J + 1`` candidates are
+    evaluated and one is selected by a mask, so it runs under ``vmap``.
+    """
     theta = {k: v.detach() for k, v in theta.items()}
     phi, path = theta, []
     for step, lr in enumerate(lrs):
         g = grad(support_loss)(phi, step)
-        phi = {k: (phi[k] - lr * (g[k] + lam * (phi[k] - theta[k]))).detach() for k in phi}
+        direction = {k: g[k] + lam * (phi[k] - theta[k]) for k in phi}
+        size: float | torch.Tensor = lr
+        if backtrack:
+            size = _backtracked_size(support_loss, step, phi, theta, direction, lr=lr, lam=lam, halvings=backtrack)
+        phi = {k: (phi[k] - size * direction[k]).detach() for k in phi}
         path.append(phi)
     return path
+
+
+def _backtracked_size(
+    support_loss: Callable[[Params, int], torch.Tensor],
+    step: int,
+    phi: Params,
+    theta: Params,
+    direction: Params,
+    *,
+    lr: float,
+    lam: float,
+    halvings: int,
+) -> torch.Tensor:
+    """The longest step size of ``lr * 2^-j``, ``j = 0..halvings``, along ``-direction`` that does not
+    increase the proximal objective at ``phi`` (``lr * 2^-halvings`` if none): a 0-dim tensor."""
+
+    def objective(p: Params) -> torch.Tensor:
+        diff = {k: p[k] - theta[k] for k in p}
+        return support_loss(p, step) + 0.5 * lam * tree_dot(diff, diff)
+
+    ref = next(iter(phi.values()))
+    sizes = lr * 0.5 ** torch.arange(halvings + 1, dtype=ref.dtype, device=ref.device)
+    start = objective(phi)
+    values = torch.stack([objective({k: phi[k] - sizes[j] * direction[k] for k in phi}) for j in range(halvings + 1)])
+    fine = values <= start  # NaN compares False
+    first = torch.where(fine.any(), fine.int().argmax(), torch.full_like(fine.int().argmax(), halvings))
+    return (sizes * (torch.arange(halvings + 1, device=ref.device) == first)).sum()
 
 
 def proximal_objective(
@@ -141,6 +182,8 @@ class IMAML(Learner):
         cg_steps: conjugate-gradient iterations per task.
         cg_damping: extra ``cg_damping * I`` in the CG matrix (0: the paper's ``I + H / lambda``).
         eval_lam: ``lambda`` of the proximal steps at evaluation and prediction (None: ``lam``).
+        backtrack: halvings of each inner step size tried so that the proximal objective does not
+            increase (0: plain steps, as the paper; see :func:`proximal_steps`).
         outer_lr: Adam learning rate.
         batched: map over tasks with ``torch.func.vmap`` (else a per-task loop).
     """
@@ -157,6 +200,7 @@ class IMAML(Learner):
         cg_steps: int = 5,
         cg_damping: float = 0.0,
         eval_lam: float | None = None,
+        backtrack: int = 0,
         outer_lr: float = 1e-3,
         batched: bool = True,
     ) -> None:
@@ -171,13 +215,16 @@ class IMAML(Learner):
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
         self.eval_lam = self.lam if eval_lam is None else float(eval_lam)
+        self.backtrack = backtrack
         self.batched = batched
         self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
 
     # -- one task -----------------------------------------------------------------------------
     def solve_inner(self, theta: Params, task: Any, lrs: Sequence[float], lam: float) -> list[Params]:
         """The inner iterates of one task (see :func:`proximal_steps`)."""
-        return proximal_steps(lambda p, s: self.objective.support_loss(p, task, s), theta, lrs=lrs, lam=lam)
+        return proximal_steps(
+            lambda p, s: self.objective.support_loss(p, task, s), theta, lrs=lrs, lam=lam, backtrack=self.backtrack
+        )
 
     def task_meta_gradient(self, theta: Params, task: Any) -> tuple[Params, dict[str, torch.Tensor]]:
         """One task's implicit meta-gradient ``g`` (shaped like ``theta``) and its metrics:
@@ -250,6 +297,7 @@ def build(cfg: Any, model: nn.Module, objective: Any) -> IMAML:
         cg_steps=c.cg_steps,
         cg_damping=c.cg_damping,
         eval_lam=c.eval_lam,
+        backtrack=c.backtrack,
         outer_lr=cfg.outer.lr,
         batched=cfg.batched,
     )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.imaml import IMAML, conjugate_gradient, implicit_gradient, proximal_objective
+from agents.imaml import IMAML, conjugate_gradient, implicit_gradient, proximal_objective, proximal_steps
 from metarl.core.functional import params_of
 from metarl.fewshot.batch import FewShotBatch
 from metarl.fewshot.objective import FewShotObjective
@@ -141,6 +141,42 @@ def test_inner_solver_steps_and_reduces_the_proximal_objective():
     assert values[0] == pytest.approx(float(mse(model, theta, task.support_x, task.support_y)))
     assert all(b < a for a, b in zip(values, values[1:]))  # every step lowers it
     assert values[-1] < 0.5 * values[0]
+
+
+# Backtracking, by hand: L(w) = c/2 ||w||^2, lam 10, phi_0 = theta = w0. The first step's direction is
+# c w0 (the proximal term vanishes at theta); a step of size a gives w0 (1 - a c) and
+# F = c/2 ||w0||^2 [(1 - a c)^2 + lam a^2 c], which does not exceed F(w0) iff (1 - a c)^2 + lam a^2 c <= 1.
+BACKTRACK_CASES = [
+    (50.0, 0.01),  # 0.25 + 0.05 <= 1: lr itself
+    (300.0, 0.005),  # lr: 4 + 0.3 > 1; lr/2: 0.25 + 0.075 <= 1
+    (1000.0, 0.0025),  # lr: 81 + 1; lr/2: 16 + 0.25; lr/4: 2.25 + 0.0625, all > 1: the shortest, lr/4
+]
+
+
+@pytest.mark.parametrize("curvature, size", BACKTRACK_CASES)
+def test_backtracking_takes_the_longest_step_that_does_not_raise_the_proximal_objective(curvature, size):
+    w0 = torch.tensor([0.3, -1.2], dtype=torch.float64)
+
+    def support(p, _step):
+        return 0.5 * curvature * (p["w"] ** 2).sum()
+
+    path = proximal_steps(support, {"w": w0}, lrs=[0.01], lam=10.0, backtrack=2)
+    torch.testing.assert_close(path[0]["w"], w0 * (1 - size * curvature), rtol=1e-12, atol=0)
+    plain = proximal_steps(support, {"w": w0}, lrs=[0.01], lam=10.0)  # backtrack 0: the plain step
+    torch.testing.assert_close(plain[0]["w"], w0 * (1 - 0.01 * curvature), rtol=1e-12, atol=0)
+
+
+def test_backtracking_chooses_per_task_under_vmap():
+    w0 = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    curvatures = torch.tensor([c for c, _ in BACKTRACK_CASES], dtype=torch.float64)
+
+    def one(c):
+        return proximal_steps(
+            lambda p, _s: 0.5 * c * (p["w"] ** 2).sum(), {"w": w0}, lrs=[0.01], lam=10.0, backtrack=2
+        )[0]["w"]
+
+    expected = torch.stack([w0 * (1 - a * c) for c, a in BACKTRACK_CASES])
+    torch.testing.assert_close(torch.func.vmap(one)(curvatures), expected, rtol=1e-12, atol=0)
 
 
 # -- the implicit meta-gradient against finite differences ---------------------------------------

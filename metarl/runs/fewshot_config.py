@@ -211,6 +211,12 @@ class IMAMLConfig(ConfigModel):
         ge=0,
         doc="imaml: lambda of the proximal steps at evaluation and prediction (null: lam; 0: plain fine-tuning).",
     )
+    backtrack: int = option(
+        0,
+        ge=0,
+        doc="imaml: each inner step takes the longest of lr, lr/2, ..., lr/2^backtrack that does not increase "
+        "the proximal objective (0: plain steps, as the paper).",
+    )
 
 
 class R2D2Config(ConfigModel):
