@@ -129,8 +129,7 @@ def _backtracked_size(
     increase the proximal objective at ``phi`` (``lr * 2^-halvings`` if none): a 0-dim tensor."""
 
     def objective(p: Params) -> torch.Tensor:
-        diff = {k: p[k] - theta[k] for k in p}
-        return support_loss(p, step) + 0.5 * lam * tree_dot(diff, diff)
+        return proximal_objective(support_loss, p, theta, lam, step=step)
 
     ref = next(iter(phi.values()))
     sizes = lr * 0.5 ** torch.arange(halvings + 1, dtype=ref.dtype, device=ref.device)
@@ -142,11 +141,12 @@ def _backtracked_size(
 
 
 def proximal_objective(
-    support_loss: Callable[[Params, int], torch.Tensor], phi: Params, theta: Params, lam: float
+    support_loss: Callable[[Params, int], torch.Tensor], phi: Params, theta: Params, lam: float, *, step: int = 0
 ) -> torch.Tensor:
-    """``L_support(phi) + (lam / 2) ||phi - theta||^2``, the inner problem's objective (a scalar)."""
+    """``L_support(phi) + (lam / 2) ||phi - theta||^2``, the inner problem's objective (a scalar), with the
+    support loss of inner step ``step``."""
     diff = {k: phi[k] - theta[k] for k in phi}
-    return support_loss(phi, 0) + 0.5 * lam * tree_dot(diff, diff)
+    return support_loss(phi, step) + 0.5 * lam * tree_dot(diff, diff)
 
 
 def implicit_gradient(
