@@ -136,7 +136,8 @@ def _backtracked_size(
     start = objective(phi)
     values = torch.stack([objective({k: phi[k] - sizes[j] * direction[k] for k in phi}) for j in range(halvings + 1)])
     fine = values <= start  # NaN compares False
-    first = torch.where(fine.any(), fine.int().argmax(), torch.full_like(fine.int().argmax(), halvings))
+    fine[-1] = True  # the shortest step when none is fine
+    first = fine.int().argmax()  # the first True
     return (sizes * (torch.arange(halvings + 1, device=ref.device) == first)).sum()
 
 
