@@ -23,7 +23,8 @@ A task is ``{"env_name": "reach-v3", "index": 7}``: the ``index``-th of the spli
 objects (pickled data) stay inside the env. ``sample_tasks(n)`` draws uniformly over all the
 split's tasks with ``self.np_random``. A task stays fixed across resets until ``set_task``;
 after ``set_task`` call ``reset()`` before ``step()`` (switching ``env_name`` swaps the
-underlying Meta-World env: one instance per env class is built and kept). Observations are
+underlying Meta-World env: an env holds the instance of its current class only, and hands the
+others to a pool of idle instances that the process's envs share). Observations are
 Meta-World's 39 floats (goal hidden: the last 3 are zeros); actions are 4 floats in [-1, 1];
 ``info`` is Meta-World's (``info["success"]`` is 1.0 on success).
 
@@ -59,6 +60,13 @@ MAX_PATH_LENGTH = 500  # Meta-World's max_path_length
 # (benchmark, task_name, split, seed) -> each class's N_GOALS Meta-World Tasks: drawing them builds
 # every class of the split, which a process does once; later envs build a class when they use it.
 _TASK_CACHE: dict[tuple[str, str | None, str, int], dict[str, list[Any]]] = {}
+# (env class, render_mode, camera_name) -> idle Meta-World envs of that class, shared by every
+# MetaWorldEnv of the process. A MetaWorldEnv holds one Meta-World env, that of its task's class:
+# switching class hands the old one back here and takes one of the new class from here before
+# building one. Each holds a ~21 MB MjModel: a sampler of 200 ML10 envs that kept every class it
+# had used grew past 20 GB within five iterations. At most IDLE_PER_CLASS are kept idle per class.
+_IDLE: dict[tuple[Any, str | None, str | None], list[Any]] = {}
+IDLE_PER_CLASS = 8
 
 # Registration specs in the format of envs.FAMILIES: name -> (entry point, vector entry point, horizon).
 # gymnasium.make("<ns>/MetaWorld-ML1-v0", task_name="reach-v3", split="test", seed=0)
@@ -231,6 +239,9 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         self.render_mode = render_mode
 
         def make_env(env_cls):
+            idle = _IDLE.get((env_cls, render_mode, camera_name))
+            if idle:
+                return idle.pop()
             env = env_cls(render_mode=render_mode, camera_name=camera_name)
             # Truncation is ours: Meta-World's own raises on the step after max_path_length.
             env.max_path_length = np.iinfo(np.int64).max
@@ -244,10 +255,12 @@ class MetaWorldEnv(MetaEnv, gym.Env):
             self._envs, self._mw_tasks = _build_tasks(classes, task_seed, make_env)
             _TASK_CACHE[key] = self._mw_tasks
         self._classes, self._make_env = classes, make_env
+        self._idle_key = (render_mode, camera_name)
         self.env_names = list(classes)
 
-        first = self._env_of(self.env_names[0])
-        for name, env in self._envs.items():
+        built, self._envs = self._envs, {}  # every class when this env drew the goals, else none
+        first = self._envs[self.env_names[0]] = built.get(self.env_names[0]) or make_env(classes[self.env_names[0]])
+        for name, env in built.items():
             for attr in ("observation_space", "action_space"):
                 a, b = getattr(first, attr), getattr(env, attr)
                 if not (
@@ -257,6 +270,8 @@ class MetaWorldEnv(MetaEnv, gym.Env):
                     and np.array_equal(a.high, b.high)
                 ):
                     raise RuntimeError(f"Meta-World {name} has a different {attr} ({b}) from {self.env_names[0]} ({a})")
+            if env is not first:
+                self._release(env)
         obs_space, act_space = first.observation_space, first.action_space
         self.observation_space = gym.spaces.Box(obs_space.low, obs_space.high, dtype=obs_space.dtype)
         self.action_space = gym.spaces.Box(act_space.low, act_space.high, dtype=act_space.dtype)
@@ -285,11 +300,21 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         return [{"env_name": name, "index": index} for name, index in self._all_tasks]
 
     def _env_of(self, name: str):
-        """The Meta-World env of class ``name``, built the first time a task of it is set."""
+        """The Meta-World env of class ``name``: the one held, else an idle one of the process, else
+        a new one; the envs of other classes held go back to the idle pool (see ``_IDLE``)."""
         env = self._envs.get(name)
         if env is None:
             env = self._envs[name] = self._make_env(self._classes[name])
+        for other in [n for n in self._envs if n != name]:
+            self._release(self._envs.pop(other))
         return env
+
+    def _release(self, env: Any) -> None:
+        idle = _IDLE.setdefault((type(env), *self._idle_key), [])
+        if len(idle) < IDLE_PER_CLASS:
+            idle.append(env)
+        else:
+            env.close()
 
     @property
     def metaworld_env(self):

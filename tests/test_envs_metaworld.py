@@ -141,14 +141,41 @@ def test_check_env_ml10_and_env_swap(ml10_test):
             inner, outer = getattr(env.metaworld_env, attr), getattr(env, attr)
             assert inner.shape == outer.shape and inner.dtype == outer.dtype
             assert np.array_equal(inner.low, outer.low) and np.array_equal(inner.high, outer.high)
-    assert len({id(e) for e in instances.values()}) == 5  # one cached instance per env class
+    assert len({id(e) for e in instances.values()}) == 5  # one instance per env class
     env.set_task({"env_name": "door-close-v3", "index": 0})
-    assert env.metaworld_env is instances["door-close-v3"]
+    assert env.metaworld_env is instances["door-close-v3"]  # taken back from the idle pool
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check_env(env, skip_render_check=True)
         sb3_check_env(env, warn=True)
     assert env.get_task() == {"env_name": "door-close-v3", "index": 0}
+
+
+def test_an_env_holds_one_class_and_the_process_reuses_idle_ones(ml10_test, monkeypatch):
+    from envs import metaworld_tasks
+
+    env = ml10_test
+    rollout(env, {"env_name": "drawer-open-v3", "index": 3}, seed=1)  # give the instance a history
+    drawer = env.metaworld_env
+    env.set_task({"env_name": "lever-pull-v3", "index": 0})
+    assert list(env._envs) == ["lever-pull-v3"]  # the drawer-open env went back to the idle pool
+    reused = MetaWorldEnv(benchmark="ML10", split="test", seed=0)  # its first class: drawer-open-v3
+    assert reused.metaworld_env is drawer
+    with monkeypatch.context() as mp:
+        mp.setattr(metaworld_tasks, "_IDLE", {})
+        fresh = MetaWorldEnv(benchmark="ML10", split="test", seed=0)
+    fresh_drawer = fresh.metaworld_env
+    assert fresh_drawer is not drawer
+    task = {"env_name": "drawer-open-v3", "index": 7}
+    for x, y in zip(rollout(reused, task, seed=2), rollout(fresh, task, seed=2)):
+        assert np.array_equal(x, y)  # how an instance was used before does not change its episodes
+
+    monkeypatch.setattr(metaworld_tasks, "IDLE_PER_CLASS", 1)
+    monkeypatch.setattr(metaworld_tasks, "_IDLE", {})
+    for e in (reused, fresh):
+        e.set_task({"env_name": "lever-pull-v3", "index": 0})
+    (idle,) = metaworld_tasks._IDLE.values()  # the drawer-open class: one kept, the second closed
+    assert len(idle) == 1 and idle[0] is drawer and fresh_drawer not in idle
 
 
 def test_same_seed_same_tasks_and_rollouts(ml1, ml1_direct):

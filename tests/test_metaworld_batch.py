@@ -144,18 +144,29 @@ def test_lazily_built_classes_give_the_episodes_of_an_eagerly_built_env():
     from envs import metaworld_tasks
 
     metaworld_tasks._TASK_CACHE.clear()
+    metaworld_tasks._IDLE.clear()
     eager = MetaWorldEnv(benchmark="ML10", split="test")  # draws the goals: builds every class
-    lazy = MetaWorldEnv(benchmark="ML10", split="test")  # reuses them: builds a class on first use
-    assert len(eager._envs) == 5 and len(lazy._envs) == 1
+    # it keeps its first class and hands the other four to the idle pool
+    assert len(eager._envs) == 1 and sorted(len(v) for v in metaworld_tasks._IDLE.values()) == [1, 1, 1, 1]
+    eagerly_built = {type(e): e for idle in metaworld_tasks._IDLE.values() for e in idle}
+    eagerly_built[type(eager.metaworld_env)] = eager.metaworld_env
+    metaworld_tasks._IDLE.clear()
+    lazy = MetaWorldEnv(benchmark="ML10", split="test")  # reuses the goals: builds a class on first use
+    assert len(lazy._envs) == 1 and lazy.metaworld_env is not eager.metaworld_env
     assert lazy._mw_tasks is eager._mw_tasks
     rng = np.random.default_rng(0)
     for task in ({"env_name": lazy.env_names[3], "index": 7}, {"env_name": lazy.env_names[0], "index": 2}):
-        eager.set_task(task)
-        lazy.set_task(task)
+        cls = eager._classes[task["env_name"]]
+        metaworld_tasks._IDLE.clear()
+        metaworld_tasks._IDLE[(cls, None, None)] = [eagerly_built[cls]]
+        eager.set_task(task)  # takes the eagerly built instance
+        metaworld_tasks._IDLE.clear()
+        lazy.set_task(task)  # builds one
+        assert eager.metaworld_env is eagerly_built[cls] and lazy.metaworld_env is not eagerly_built[cls]
         np.testing.assert_array_equal(eager.reset(seed=1)[0], lazy.reset(seed=1)[0])
         for _ in range(100):
             action = rng.uniform(-1, 1, 4).astype(np.float32)
             a, b = eager.step(action), lazy.step(action)
             np.testing.assert_array_equal(a[0], b[0])
             assert a[1:] == b[1:]
-    assert len(lazy._envs) == 2
+    metaworld_tasks._IDLE.clear()
