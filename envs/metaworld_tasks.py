@@ -67,6 +67,27 @@ _TASK_CACHE: dict[tuple[str, str | None, str, int], dict[str, list[Any]]] = {}
 # had used grew past 20 GB within five iterations. At most IDLE_PER_CLASS are kept idle per class.
 _IDLE: dict[tuple[Any, str | None, str | None], list[Any]] = {}
 IDLE_PER_CLASS = 8
+_MALLOC_SET = False
+
+
+def _return_freed_models_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 1 MB, once per process (a no-op elsewhere).
+
+    glibc raises its threshold to the size of each mmapped block freed, so after the first freed
+    MjModel (~21 MB) later ones come from the heap, which fragments and never shrinks: a sampler of
+    100 ML10 envs switching classes grew from 3.9 to 6.9 GB in 8 iterations with ~150 envs alive,
+    and stayed at 3.8-4.2 GB with the threshold fixed (2026-12-01)."""
+    global _MALLOC_SET
+    if _MALLOC_SET:
+        return
+    _MALLOC_SET = True
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
 
 # Registration specs in the format of envs.FAMILIES: name -> (entry point, vector entry point, horizon).
 # gymnasium.make("<ns>/MetaWorld-ML1-v0", task_name="reach-v3", split="test", seed=0)
@@ -237,6 +258,8 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         self.benchmark_seed = int(seed)
         self.max_path_length = None if max_path_length is None else int(max_path_length)
         self.render_mode = render_mode
+
+        _return_freed_models_to_the_os()
 
         def make_env(env_cls):
             idle = _IDLE.get((env_cls, render_mode, camera_name))
