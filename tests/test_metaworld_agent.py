@@ -217,8 +217,10 @@ def test_eval_env_settings_deal_each_class_goals_evenly():
 
     from metarl.app.metaworld_eval import eval_env_settings, make_eval_envs
 
-    ml1 = SimpleNamespace(env={"task_name": "reach-v3"}, policy=SimpleNamespace(recurrent=None))
-    ml10 = SimpleNamespace(env={"benchmark": "ML10"}, policy=SimpleNamespace(recurrent=None))
+    from metarl.runs.load import load_experiment_config
+
+    ml1 = SimpleNamespace(family="MetaWorld-ML1", env={"task_name": "reach-v3"}, policy=SimpleNamespace(recurrent=None))
+    ml10 = load_experiment_config(ROOT / "experiments" / "metaworld_ml10" / "rl2.yaml")  # names no task
     # ML1's default 20 sub-envs share 40 of its 50 goals, 2 each (Meta-World's own assumption)
     assert eval_env_settings(ml1) == {"meta_batch_size": 20, "total_tasks_per_cls": 40}
     assert eval_env_settings(ml1, meta_batch_size=2) == {"meta_batch_size": 2, "total_tasks_per_cls": 50}
@@ -235,6 +237,21 @@ def test_eval_env_settings_deal_each_class_goals_evenly():
             assert envs.num_envs == 20
         finally:
             envs.close()
+    envs = make_eval_envs(ml10, split="test")  # an ML10 run's test split: 5 sub-envs of each test class
+    try:
+        from metaworld.evaluation import _get_task_names
+
+        names = _get_task_names(envs)
+        assert sorted(set(names)) == [
+            "door-close-v3",
+            "drawer-open-v3",
+            "lever-pull-v3",
+            "shelf-place-v3",
+            "sweep-into-v3",
+        ]
+        assert all(names.count(name) == 5 for name in set(names))
+    finally:
+        envs.close()
 
 
 def test_eval_envs_hold_the_goals_of_their_split():

@@ -31,6 +31,11 @@ from metarl.app.metaworld_agent import agent_of, default_adaptation_steps
 GOALS_PER_CLASS = 50
 
 
+def benchmark_of(cfg: Any) -> str:
+    """ML1, ML10 or ML45: the Meta-World benchmark of a run's family (``MetaWorld-ML10``, ...)."""
+    return cfg.family.removeprefix("MetaWorld-")
+
+
 def eval_env_settings(cfg: Any, *, split: str = "test", meta_batch_size: int | None = None) -> dict[str, Any]:
     """The sub-envs of Meta-World's vector env for a run's benchmark and split.
 
@@ -41,7 +46,7 @@ def eval_env_settings(cfg: Any, *, split: str = "test", meta_batch_size: int | N
     sub-envs, the setting ``metalearning_evaluation``'s own comment assumes). A size the classes do
     not divide raises ValueError naming the valid ones.
     """
-    benchmark = cfg.env.get("benchmark", "ML1")
+    benchmark = benchmark_of(cfg)
     classes = 1 if benchmark == "ML1" else 5 if split == "test" else (10 if benchmark == "ML10" else 45)
     size = meta_batch_size or (20 if benchmark == "ML1" else 5 * classes)
     if size < classes or size % classes or size // classes > GOALS_PER_CLASS:
@@ -66,7 +71,7 @@ def make_eval_envs(cfg: Any, *, split: str = "test", meta_batch_size: int | None
     """
     import metaworld
 
-    benchmark = cfg.env.get("benchmark", "ML1")
+    benchmark = benchmark_of(cfg)
     seed = cfg.env.get("seed", 0) if seed is None else seed
     make = metaworld.make_ml_envs_train if split == "train" else metaworld.make_ml_envs_test
     kwargs: dict[str, Any] = {"vector_strategy": "sync", "seed": seed}
