@@ -263,7 +263,9 @@ def test_eval_envs_hold_the_goals_of_their_split():
 
     from metarl.app.metaworld_eval import make_eval_envs
 
-    ml1 = SimpleNamespace(env={"task_name": "reach-v3", "seed": 3}, policy=SimpleNamespace(recurrent=None))
+    ml1 = SimpleNamespace(
+        family="MetaWorld-ML1", env={"task_name": "reach-v3", "seed": 3}, policy=SimpleNamespace(recurrent=None)
+    )
     benchmark = metaworld.ML1("reach-v3", seed=3)
     goals = {split: {task.data for task in getattr(benchmark, f"{split}_tasks")} for split in ("train", "test")}
     assert len(goals["train"]) == len(goals["test"]) == 50 and not goals["train"] & goals["test"]

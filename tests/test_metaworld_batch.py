@@ -170,3 +170,26 @@ def test_lazily_built_classes_give_the_episodes_of_an_eagerly_built_env():
             np.testing.assert_array_equal(a[0], b[0])
             assert a[1:] == b[1:]
     metaworld_tasks._IDLE.clear()
+
+
+def test_an_env_the_batch_has_stepped_is_freed_when_dropped(monkeypatch):
+    import gc
+    import weakref
+
+    from envs import metaworld_tasks
+
+    monkeypatch.setattr(metaworld_tasks, "_IDLE", {})
+    monkeypatch.setattr(metaworld_tasks, "IDLE_PER_CLASS", 0)  # every env a slot switches away from is dropped
+    batch = MetaWorldBatch([MetaWorldEnv(benchmark="ML10", split="test") for _ in range(2)])
+    dropped = []
+    gc.disable()  # freed by reference counting alone, as soon as dropped (no cycle through the batch's patch)
+    try:
+        for name in ("drawer-open-v3", "door-close-v3", "lever-pull-v3"):
+            batch.set_tasks([{"env_name": name, "index": 0}] * 2)
+            batch.reset([0, 1])
+            batch.step(np.zeros((2, 4)))
+            dropped.append([weakref.ref(env._env) for env in batch.envs])
+        assert [[ref() is None for ref in refs] for refs in dropped] == [[True, True], [True, True], [False, False]]
+    finally:
+        gc.enable()
+        batch.close()
