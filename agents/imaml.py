@@ -55,24 +55,44 @@ def tree_dot(a: Params, b: Params) -> torch.Tensor:
     return sum((a[k] * b[k]).sum() for k in a)
 
 
-def conjugate_gradient(matvec: MatVec, b: Params, steps: int) -> tuple[Params, torch.Tensor]:
+def conjugate_gradient(
+    matvec: MatVec, b: Params, steps: int, *, truncate: bool = False
+) -> tuple[Params, torch.Tensor, torch.Tensor]:
     """Approximate ``x = A^-1 b`` by ``steps`` conjugate-gradient iterations from ``x = 0``.
 
     ``A`` is given by ``matvec(v) = A v`` on parameter dicts (symmetric; positive definite for
     the usual convergence guarantee). The number of iterations is fixed, so it runs under
     ``vmap``; an iteration whose direction has ``p^T A p = 0`` (the residual already 0) leaves
-    ``x`` unchanged. Returns ``x`` and the relative residual ``||b - A x|| / ||b||`` of the
-    recursion (a scalar tensor).
+    ``x`` unchanged.
+
+    ``truncate``: stop at the first direction of negative curvature (``p^T A p < 0``, where ``A``
+    is indefinite), as truncated-Newton CG does (Nocedal & Wright, Algorithm 7.2): ``x`` keeps the
+    iterate reached, and is ``b`` itself if the first direction already has negative curvature
+    (``A`` taken as ``I``). Without it CG divides by the negative curvature and may return a
+    direction of any size and sign.
+
+    Returns ``x``, the relative residual ``||b - A x|| / ||b||`` of the recursion (a scalar tensor)
+    and whether negative curvature was met (a boolean scalar tensor).
     """
     x = {k: torch.zeros_like(v) for k, v in b.items()}
     r = dict(b)
     p = dict(b)
     rs = tree_dot(r, r)
     b_norm = rs.sqrt()
-    for _ in range(steps):
+    stopped = torch.zeros_like(rs, dtype=torch.bool)
+    negative = torch.zeros_like(rs, dtype=torch.bool)
+    for i in range(steps):
         ap = matvec(p)
         pap = tree_dot(p, ap)
-        ok = pap != 0
+        ok = pap > 0 if truncate else pap != 0
+        if truncate:
+            met = ~stopped & (pap < 0)
+            negative = negative | met
+            if i == 0:  # x = b, its residual b - A b
+                x = {k: torch.where(met, b[k], x[k]) for k in x}
+                r = {k: torch.where(met, b[k] - ap[k], r[k]) for k in r}
+            stopped = stopped | met
+            ok = ok & ~stopped
         alpha = torch.where(ok, rs / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
         x = {k: x[k] + alpha * p[k] for k in x}
         r = {k: r[k] - alpha * ap[k] for k in r}
@@ -81,7 +101,7 @@ def conjugate_gradient(matvec: MatVec, b: Params, steps: int) -> tuple[Params, t
         beta = torch.where(ok, rs_new / torch.where(ok, rs, torch.ones_like(rs)), torch.zeros_like(rs))
         p = {k: r[k] + beta * p[k] for k in r}
         rs = rs_new
-    return x, rs.sqrt() / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
+    return x, rs.sqrt() / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm)), negative
 
 
 # -- the inner problem ------------------------------------------------------------------------
@@ -158,17 +178,20 @@ def implicit_gradient(
     lam: float,
     cg_steps: int,
     cg_damping: float = 0.0,
-) -> tuple[Params, torch.Tensor]:
+    cg_truncate: bool = False,
+) -> tuple[Params, torch.Tensor, torch.Tensor]:
     """``(I + H / lam + cg_damping I)^-1 query_grad`` by conjugate gradient, with ``H`` the Hessian
-    of ``support_loss`` at ``phi`` (Hessian-vector products: ``torch.func.vjp`` of ``grad``).
-    Returns the meta-gradient (a dict shaped like ``phi``) and CG's relative residual."""
+    of ``support_loss`` at ``phi`` (Hessian-vector products: ``torch.func.vjp`` of ``grad``);
+    ``cg_truncate``: stop at negative curvature (:func:`conjugate_gradient`). Returns the
+    meta-gradient (a dict shaped like ``phi``), CG's relative residual and whether it met
+    negative curvature."""
     _, hvp = vjp(grad(support_loss), phi)
 
     def matvec(v: Params) -> Params:
         (hv,) = hvp(v)
         return {k: (1.0 + cg_damping) * v[k] + hv[k] / lam for k in v}
 
-    return conjugate_gradient(matvec, query_grad, cg_steps)
+    return conjugate_gradient(matvec, query_grad, cg_steps, truncate=cg_truncate)
 
 
 class IMAML(Learner):
@@ -182,6 +205,8 @@ class IMAML(Learner):
         lam: the proximal regularisation strength ``lambda``.
         cg_steps: conjugate-gradient iterations per task.
         cg_damping: extra ``cg_damping * I`` in the CG matrix (0: the paper's ``I + H / lambda``).
+        cg_truncate: stop CG at negative curvature (see :func:`conjugate_gradient`; False: the paper's
+            plain CG).
         eval_lam: ``lambda`` of the proximal steps at evaluation and prediction (None: ``lam``).
         backtrack: halvings of each inner step size tried so that the proximal objective does not
             increase (0: plain steps, as the paper; see :func:`proximal_steps`).
@@ -200,6 +225,7 @@ class IMAML(Learner):
         lam: float = 2.0,
         cg_steps: int = 5,
         cg_damping: float = 0.0,
+        cg_truncate: bool = False,
         eval_lam: float | None = None,
         backtrack: int = 0,
         outer_lr: float = 1e-3,
@@ -215,6 +241,7 @@ class IMAML(Learner):
         self.lam = float(lam)
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
+        self.cg_truncate = bool(cg_truncate)
         self.eval_lam = self.lam if eval_lam is None else float(eval_lam)
         self.backtrack = backtrack
         self.batched = batched
@@ -239,18 +266,20 @@ class IMAML(Learner):
             return metrics["loss"], metrics
 
         query_grad, post = grad(query_loss, has_aux=True)(phi)
-        g, residual = implicit_gradient(
+        g, residual, negative = implicit_gradient(
             lambda p: self.objective.support_loss(p, task, 0),
             phi,
             query_grad,
             lam=self.lam,
             cg_steps=self.cg_steps,
             cg_damping=self.cg_damping,
+            cg_truncate=self.cg_truncate,
         )
         diff = {k: phi[k] - theta[k] for k in phi}
         metrics = {f"{k}_pre_adapt": v.detach() for k, v in pre.items()}
         metrics.update({f"{k}_post_adapt": v.detach() for k, v in post.items()})
         metrics["cg_residual"] = residual.detach()
+        metrics["cg_negative_curvature"] = negative.to(residual.dtype)
         metrics["prox_distance"] = tree_dot(diff, diff).sqrt().detach()
         return {k: v.detach() for k, v in g.items()}, metrics
 
@@ -297,6 +326,7 @@ def build(cfg: Any, model: nn.Module, objective: Any) -> IMAML:
         lam=c.lam,
         cg_steps=c.cg_steps,
         cg_damping=c.cg_damping,
+        cg_truncate=c.cg_truncate,
         eval_lam=c.eval_lam,
         backtrack=c.backtrack,
         outer_lr=cfg.outer.lr,

@@ -73,16 +73,52 @@ def test_conjugate_gradient_solves_against_linalg_solve():
     def matvec(v):
         return unflat(a @ flat(v), like)
 
-    x, residual = conjugate_gradient(matvec, unflat(b, like), 7)  # exact in n steps
+    x, residual, _ = conjugate_gradient(matvec, unflat(b, like), 7)  # exact in n steps
     torch.testing.assert_close(flat(x), torch.linalg.solve(a, b), rtol=1e-9, atol=1e-10)
     assert float(residual) < 1e-9
-    x, residual = conjugate_gradient(matvec, unflat(b, like), 30)  # steps past convergence change nothing
+    x, residual, _ = conjugate_gradient(matvec, unflat(b, like), 30)  # steps past convergence change nothing
     torch.testing.assert_close(flat(x), torch.linalg.solve(a, b), rtol=1e-9, atol=1e-10)
     # one iteration is the exact line search along b: x = (b.b / b.Ab) b, residual ||b - A x|| / ||b||
-    x1, residual1 = conjugate_gradient(matvec, unflat(b, like), 1)
+    x1, residual1, _ = conjugate_gradient(matvec, unflat(b, like), 1)
     expected = (b @ b) / (b @ a @ b) * b
     torch.testing.assert_close(flat(x1), expected)
     torch.testing.assert_close(residual1, torch.linalg.norm(b - a @ expected) / torch.linalg.norm(b))
+
+
+def test_truncated_conjugate_gradient_stops_at_negative_curvature():
+    like = {"a": torch.zeros(2, dtype=torch.float64)}
+    a = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))  # indefinite
+
+    def matvec(v):
+        return unflat(a @ flat(v), like)
+
+    # b.Ab = 0.25 - 1 < 0 at once: x = b (A taken as I), residual ||b - A b|| / ||b||
+    b = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    x, residual, negative = conjugate_gradient(matvec, unflat(b, like), 5, truncate=True)
+    torch.testing.assert_close(flat(x), b)
+    torch.testing.assert_close(residual, torch.linalg.norm(b - a @ b) / torch.linalg.norm(b))
+    assert bool(negative)
+    # b.Ab = 1 - 0.25 > 0: one CG step, then the next direction (by CG's formulas, here by hand)
+    # has p.Ap < 0, so x stays the first iterate (b.b / b.Ab) b = 5/3 b
+    b = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    x1 = (b @ b) / (b @ a @ b) * b
+    r1 = b - (b @ b) / (b @ a @ b) * (a @ b)
+    p1 = r1 + (r1 @ r1) / (b @ b) * b
+    assert float(p1 @ a @ p1) < 0
+    x, _, negative = conjugate_gradient(matvec, unflat(b, like), 5, truncate=True)
+    torch.testing.assert_close(flat(x), x1)
+    assert bool(negative)
+    plain, _, met = conjugate_gradient(matvec, unflat(b, like), 2)  # the plain CG divides by it
+    assert not bool(met) and not torch.allclose(flat(plain), x1)
+    # positive definite: truncation changes nothing; and per task under vmap
+    spd = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    solve = conjugate_gradient(lambda v: unflat(spd @ flat(v), like), unflat(b, like), 2, truncate=True)
+    torch.testing.assert_close(flat(solve[0]), torch.linalg.solve(spd, b))
+    assert not bool(solve[2])
+    both = torch.stack([torch.tensor([0.5, 1.0]), torch.tensor([1.0, 0.5])]).double()
+    xs, _, negs = torch.func.vmap(lambda v: conjugate_gradient(matvec, {"a": v}, 5, truncate=True))(both)
+    torch.testing.assert_close(xs["a"], torch.stack([both[0], x1]))
+    assert negs.tolist() == [True, True]
 
 
 def test_implicit_gradient_is_the_explicit_hessian_solve():
@@ -99,7 +135,7 @@ def test_implicit_gradient_is_the_explicit_hessian_solve():
     v = torch.randn(13, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for d in (0.0, damping):
         a = (1 + d) * torch.eye(13, dtype=torch.float64) + hessian / lam
-        g, residual = implicit_gradient(
+        g, residual, _ = implicit_gradient(
             lambda p: mse(model, p, task.support_x, task.support_y),
             params,
             unflat(v, params),

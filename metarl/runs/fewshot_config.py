@@ -206,6 +206,12 @@ class IMAMLConfig(ConfigModel):
     cg_damping: float = option(
         0.0, ge=0, doc="imaml: extra damping d of the CG matrix (1 + d) I + H / lambda (0: the paper's I + H / lambda)."
     )
+    cg_truncate: bool = option(
+        False,
+        doc="imaml: stop each task's CG at the first direction of negative curvature of I + H / lambda (truncated "
+        "CG; the meta-gradient is then the iterate reached, or the query gradient itself if the first direction "
+        "has it). False: the paper's plain CG, which needs I + H / lambda positive definite.",
+    )
     eval_lam: float | None = option(
         None,
         ge=0,
