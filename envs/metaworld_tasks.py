@@ -282,7 +282,10 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         self.env_names = list(classes)
 
         built, self._envs = self._envs, {}  # every class when this env drew the goals, else none
-        first = self._envs[self.env_names[0]] = built.get(self.env_names[0]) or make_env(classes[self.env_names[0]])
+        first = built.get(self.env_names[0])
+        if first is None:
+            first = make_env(classes[self.env_names[0]])
+        self._envs[self.env_names[0]] = first
         for name, env in built.items():
             for attr in ("observation_space", "action_space"):
                 a, b = getattr(first, attr), getattr(env, attr)
