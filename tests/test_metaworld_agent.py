@@ -216,7 +216,6 @@ def test_eval_env_settings_deal_each_class_goals_evenly():
     from types import SimpleNamespace
 
     from metarl.app.metaworld_eval import eval_env_settings, make_eval_envs
-
     from metarl.runs.load import load_experiment_config
 
     ml1 = SimpleNamespace(family="MetaWorld-ML1", env={"task_name": "reach-v3"}, policy=SimpleNamespace(recurrent=None))
