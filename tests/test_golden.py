@@ -11,7 +11,10 @@ Re-record (only for a change that is meant to move results; say so in the commit
 Floating-point reductions differ between CPU instruction sets, and a few RL iterations grow a
 last-bit difference into a different run, so there is one file per torch CPU capability
 (``runs_<capability>.json``; ``runs_avx512.json`` was recorded from code that reproduced
-``runs_avx2.json`` exactly). On a CPU with no file of its own the test is skipped and says so.
+``runs_avx2.json`` exactly), and per vendor where they differ: an AMD EPYC with AVX512 differs in
+the last bits from the Intel CPU that recorded ``runs_avx512.json``, so it has
+``runs_avx512_authenticamd.json`` (recorded 2026-12-01 from the code at a4e5eb3, before that
+session's changes). On a CPU with no file of its own the test is skipped and says so.
 """
 
 from __future__ import annotations
@@ -25,7 +28,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
-GOLDEN = Path(__file__).with_name("golden") / f"runs_{CAPABILITY.lower()}.json"
+
+
+def _cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (GenuineIntel, AuthenticAMD, ...); empty where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# Intel's (and unknown vendors') files carry the capability alone, as recorded first.
+VENDOR = "" if _cpu_vendor() in ("", "GenuineIntel") else f"_{_cpu_vendor().lower()}"
+GOLDEN = Path(__file__).with_name("golden") / f"runs_{CAPABILITY.lower()}{VENDOR}.json"
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 
 COMMON = ["threads=1", "--no-progress"]
