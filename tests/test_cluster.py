@@ -4,9 +4,6 @@ nodes, a node lost mid-call, and a run without an address that starts its own Ra
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 
@@ -66,12 +63,15 @@ def test_workers_on_two_nodes_sample_the_in_process_episodes(cluster):
         sampler.close()
 
 
-def test_losing_the_node_of_a_worker_mid_call_completes_the_call(cluster):
+def test_losing_the_node_of_a_worker_mid_call_completes_the_call(cluster, monkeypatch):
     """The node that runs worker 0 is removed (its raylet and processes killed) while the call runs; the
-    worker is replaced on the node that was free and the call returns every episode, equal to in-process."""
+    worker is replaced on the node that was free and the call returns every episode, equal to in-process.
+
+    The node goes the moment the call first waits on its workers (every share submitted, none collected),
+    so the worker cannot finish first however fast this machine samples: a timer raced it on CI."""
     from metarl.rl.sampling import RaySampler
 
-    horizon, n = 1000, 6  # each share: 3 tasks x 4 episodes x 1000 steps, seconds of work
+    horizon, n = 1000, 6  # each share: 3 tasks x 4 episodes x 1000 steps, far longer than killing a node
     local, policy, tasks, seeds = _setup(horizon=horizon, n=n)
     events: list[dict] = []
     sampler = RaySampler(
@@ -80,12 +80,19 @@ def test_losing_the_node_of_a_worker_mid_call_completes_the_call(cluster):
     try:
         victim_id = sampler.worker_nodes()[0]
         victim = next(node for node in cluster.list_all_nodes() if node.node_id == victim_id)
-        remover = threading.Timer(0.5, cluster.remove_node, (victim,), {"allow_graceful": False})
-        remover.start()
-        t0 = time.monotonic()
+        removed: list[int] = []
+        wait = ray.wait
+
+        def remove_victim_then_wait(*args, **kwargs):
+            if not removed:
+                cluster.remove_node(victim, allow_graceful=False)
+                removed.append(len(events))  # no worker replaced yet when the node went
+            return wait(*args, **kwargs)
+
+        monkeypatch.setattr(ray, "wait", remove_victim_then_wait)
         episodes = sampler.sample(policy.params(), tasks, seeds)
-        remover.join()
-        assert time.monotonic() - t0 > 0.5  # the node went while the call ran
+        monkeypatch.undo()
+        assert removed == [0]
         assert episodes.num_tasks == n and episodes.num_steps() == n * 4 * horizon
         assert _same(episodes, local.sample(policy, policy.params(), tasks, seeds))
         assert [e["worker"] for e in events] == [0] and events[0]["tasks"] == [0, 3]
