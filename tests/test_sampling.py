@@ -7,7 +7,6 @@ import copy
 import math
 import os
 import signal
-import threading
 import time
 
 import gymnasium as gym
@@ -254,8 +253,8 @@ def test_ray_trials_of_a_recurrent_policy_equal_the_in_process_trials(ray_local)
         sampler.close()
 
 
-def _killed_worker_run(kill_after_s: float | None):
-    """Sample 8 tasks with 2 workers, SIGKILLing worker 0 before the call (None) or during it."""
+def _killed_worker_run(mid_call: bool):
+    """Sample 8 tasks with 2 workers, SIGKILLing worker 0 before the call or during it."""
     import ray
 
     from metarl.rl.sampling import RaySampler
@@ -271,7 +270,7 @@ def _killed_worker_run(kill_after_s: float | None):
     )
     try:
         victim = sampler.worker_pids()[0]
-        if kill_after_s is None:
+        if not mid_call:
             os.kill(victim, signal.SIGKILL)
             deadline = time.monotonic() + 30
             while True:  # until Ray has seen the actor die
@@ -282,13 +281,22 @@ def _killed_worker_run(kill_after_s: float | None):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             episodes = sampler.sample(policy.params(), tasks, seeds)
-        else:
-            killer = threading.Timer(kill_after_s, os.kill, (victim, signal.SIGKILL))
-            killer.start()
-            t0 = time.monotonic()
-            episodes = sampler.sample(policy.params(), tasks, seeds)
-            killer.join()
-            assert time.monotonic() - t0 > kill_after_s  # the kill landed while the call was running
+        else:  # killed the moment the call first waits (every share submitted, none collected): no race
+            killed: list[int] = []
+            wait = ray.wait
+
+            def kill_victim_then_wait(*args, **kwargs):
+                if not killed:
+                    os.kill(victim, signal.SIGKILL)
+                    killed.append(len(events))  # no worker replaced yet when the kill landed
+                return wait(*args, **kwargs)
+
+            ray.wait = kill_victim_then_wait
+            try:
+                episodes = sampler.sample(policy.params(), tasks, seeds)
+            finally:
+                ray.wait = wait
+            assert killed == [0]
         assert episodes.num_tasks == n and episodes.num_steps() == n * 8 * horizon
         assert equal(episodes, local.sample(policy, policy.params(), tasks, seeds))
         assert [e["worker"] for e in events] == [0] and events[0]["tasks"] == [0, 4]
@@ -299,11 +307,11 @@ def _killed_worker_run(kill_after_s: float | None):
 
 
 def test_ray_sampler_replaces_a_worker_killed_mid_call(ray_local):
-    _killed_worker_run(kill_after_s=0.3)
+    _killed_worker_run(mid_call=True)
 
 
 def test_ray_sampler_replaces_a_worker_that_died_before_the_call(ray_local):
-    _killed_worker_run(kill_after_s=None)
+    _killed_worker_run(mid_call=False)
 
 
 def test_meta_world_episodes_carry_success_flags():
