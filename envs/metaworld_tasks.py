@@ -51,6 +51,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from envs import metaworld_pool
 from envs.base import InvalidTask, MetaEnv, TaskField, TaskSpec
 
 BENCHMARKS = ("ML1", "ML10", "ML45")
@@ -60,33 +61,6 @@ MAX_PATH_LENGTH = 500  # Meta-World's max_path_length
 # (benchmark, task_name, split, seed) -> each class's N_GOALS Meta-World Tasks: drawing them builds
 # every class of the split, which a process does once; later envs build a class when they use it.
 _TASK_CACHE: dict[tuple[str, str | None, str, int], dict[str, list[Any]]] = {}
-# (env class, render_mode, camera_name) -> idle Meta-World envs of that class, shared by every
-# MetaWorldEnv of the process. A MetaWorldEnv holds one Meta-World env, that of its task's class:
-# switching class hands the old one back here and takes one of the new class from here before
-# building one. Each holds a ~21 MB MjModel: a sampler of 200 ML10 envs that kept every class it
-# had used grew past 20 GB within five iterations. At most IDLE_PER_CLASS are kept idle per class.
-_IDLE: dict[tuple[Any, str | None, str | None], list[Any]] = {}
-IDLE_PER_CLASS = 8
-_MALLOC_SET = False
-
-
-def _return_freed_models_to_the_os() -> None:
-    """Fix glibc's mmap threshold at 1 MB, once per process (a no-op elsewhere).
-
-    glibc raises its threshold to the size of each mmapped block freed, so after the first freed
-    MjModel (~21 MB) later ones come from the heap, which fragments and never shrinks: a sampler of
-    100 ML10 envs switching classes grew from 3.9 to 6.9 GB in 8 iterations with ~150 envs alive,
-    and stayed at 3.8-4.2 GB with the threshold fixed (2026-12-01)."""
-    global _MALLOC_SET
-    if _MALLOC_SET:
-        return
-    _MALLOC_SET = True
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 # Registration specs in the format of envs.FAMILIES: name -> (entry point, vector entry point, horizon).
@@ -259,12 +233,12 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         self.max_path_length = None if max_path_length is None else int(max_path_length)
         self.render_mode = render_mode
 
-        _return_freed_models_to_the_os()
+        metaworld_pool.return_freed_models_to_the_os()
 
         def make_env(env_cls):
-            idle = _IDLE.get((env_cls, render_mode, camera_name))
-            if idle:
-                return idle.pop()
+            env = metaworld_pool.take((env_cls, render_mode, camera_name))
+            if env is not None:
+                return env
             env = env_cls(render_mode=render_mode, camera_name=camera_name)
             # Truncation is ours: Meta-World's own raises on the step after max_path_length.
             env.max_path_length = np.iinfo(np.int64).max
@@ -327,7 +301,7 @@ class MetaWorldEnv(MetaEnv, gym.Env):
 
     def _env_of(self, name: str):
         """The Meta-World env of class ``name``: the one held, else an idle one of the process, else
-        a new one; the envs of other classes held go back to the idle pool (see ``_IDLE``)."""
+        a new one; the envs of other classes held go back to the idle pool (``envs.metaworld_pool``)."""
         env = self._envs.get(name)
         if env is None:
             env = self._envs[name] = self._make_env(self._classes[name])
@@ -336,11 +310,7 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         return env
 
     def _release(self, env: Any) -> None:
-        idle = _IDLE.setdefault((type(env), *self._idle_key), [])
-        if len(idle) < IDLE_PER_CLASS:
-            idle.append(env)
-        else:
-            env.close()
+        metaworld_pool.give_back(env, *self._idle_key)
 
     @property
     def metaworld_env(self):

@@ -152,7 +152,7 @@ def test_check_env_ml10_and_env_swap(ml10_test):
 
 
 def test_an_env_holds_one_class_and_the_process_reuses_idle_ones(ml10_test, monkeypatch):
-    from envs import metaworld_tasks
+    from envs import metaworld_pool
 
     env = ml10_test
     rollout(env, {"env_name": "drawer-open-v3", "index": 3}, seed=1)  # give the instance a history
@@ -162,7 +162,7 @@ def test_an_env_holds_one_class_and_the_process_reuses_idle_ones(ml10_test, monk
     reused = MetaWorldEnv(benchmark="ML10", split="test", seed=0)  # its first class: drawer-open-v3
     assert reused.metaworld_env is drawer
     with monkeypatch.context() as mp:
-        mp.setattr(metaworld_tasks, "_IDLE", {})
+        mp.setattr(metaworld_pool, "IDLE", {})
         fresh = MetaWorldEnv(benchmark="ML10", split="test", seed=0)
     fresh_drawer = fresh.metaworld_env
     assert fresh_drawer is not drawer
@@ -170,11 +170,11 @@ def test_an_env_holds_one_class_and_the_process_reuses_idle_ones(ml10_test, monk
     for x, y in zip(rollout(reused, task, seed=2), rollout(fresh, task, seed=2)):
         assert np.array_equal(x, y)  # how an instance was used before does not change its episodes
 
-    monkeypatch.setattr(metaworld_tasks, "IDLE_PER_CLASS", 1)
-    monkeypatch.setattr(metaworld_tasks, "_IDLE", {})
+    monkeypatch.setattr(metaworld_pool, "IDLE_PER_CLASS", 1)
+    monkeypatch.setattr(metaworld_pool, "IDLE", {})
     for e in (reused, fresh):
         e.set_task({"env_name": "lever-pull-v3", "index": 0})
-    (idle,) = metaworld_tasks._IDLE.values()  # the drawer-open class: one kept, the second closed
+    (idle,) = metaworld_pool.IDLE.values()  # the drawer-open class: one kept, the second closed
     assert len(idle) == 1 and idle[0] is drawer and fresh_drawer not in idle
 
 

@@ -141,26 +141,26 @@ def test_batched_step_needs_a_reset():
 
 
 def test_lazily_built_classes_give_the_episodes_of_an_eagerly_built_env():
-    from envs import metaworld_tasks
+    from envs import metaworld_pool, metaworld_tasks
 
     metaworld_tasks._TASK_CACHE.clear()
-    metaworld_tasks._IDLE.clear()
+    metaworld_pool.IDLE.clear()
     eager = MetaWorldEnv(benchmark="ML10", split="test")  # draws the goals: builds every class
     # it keeps its first class and hands the other four to the idle pool
-    assert len(eager._envs) == 1 and sorted(len(v) for v in metaworld_tasks._IDLE.values()) == [1, 1, 1, 1]
-    eagerly_built = {type(e): e for idle in metaworld_tasks._IDLE.values() for e in idle}
+    assert len(eager._envs) == 1 and sorted(len(v) for v in metaworld_pool.IDLE.values()) == [1, 1, 1, 1]
+    eagerly_built = {type(e): e for idle in metaworld_pool.IDLE.values() for e in idle}
     eagerly_built[type(eager.metaworld_env)] = eager.metaworld_env
-    metaworld_tasks._IDLE.clear()
+    metaworld_pool.IDLE.clear()
     lazy = MetaWorldEnv(benchmark="ML10", split="test")  # reuses the goals: builds a class on first use
     assert len(lazy._envs) == 1 and lazy.metaworld_env is not eager.metaworld_env
     assert lazy._mw_tasks is eager._mw_tasks
     rng = np.random.default_rng(0)
     for task in ({"env_name": lazy.env_names[3], "index": 7}, {"env_name": lazy.env_names[0], "index": 2}):
         cls = eager._classes[task["env_name"]]
-        metaworld_tasks._IDLE.clear()
-        metaworld_tasks._IDLE[(cls, None, None)] = [eagerly_built[cls]]
+        metaworld_pool.IDLE.clear()
+        metaworld_pool.IDLE[(cls, None, None)] = [eagerly_built[cls]]
         eager.set_task(task)  # takes the eagerly built instance
-        metaworld_tasks._IDLE.clear()
+        metaworld_pool.IDLE.clear()
         lazy.set_task(task)  # builds one
         assert eager.metaworld_env is eagerly_built[cls] and lazy.metaworld_env is not eagerly_built[cls]
         np.testing.assert_array_equal(eager.reset(seed=1)[0], lazy.reset(seed=1)[0])
@@ -169,17 +169,17 @@ def test_lazily_built_classes_give_the_episodes_of_an_eagerly_built_env():
             a, b = eager.step(action), lazy.step(action)
             np.testing.assert_array_equal(a[0], b[0])
             assert a[1:] == b[1:]
-    metaworld_tasks._IDLE.clear()
+    metaworld_pool.IDLE.clear()
 
 
 def test_an_env_the_batch_has_stepped_is_freed_when_dropped(monkeypatch):
     import gc
     import weakref
 
-    from envs import metaworld_tasks
+    from envs import metaworld_pool
 
-    monkeypatch.setattr(metaworld_tasks, "_IDLE", {})
-    monkeypatch.setattr(metaworld_tasks, "IDLE_PER_CLASS", 0)  # every env a slot switches away from is dropped
+    monkeypatch.setattr(metaworld_pool, "IDLE", {})
+    monkeypatch.setattr(metaworld_pool, "IDLE_PER_CLASS", 0)  # every env a slot switches away from is dropped
     batch = MetaWorldBatch([MetaWorldEnv(benchmark="ML10", split="test") for _ in range(2)])
     dropped = []
     gc.disable()  # freed by reference counting alone, as soon as dropped (no cycle through the batch's patch)
