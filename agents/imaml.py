@@ -118,8 +118,8 @@ def proximal_steps(
     the meta-gradient is implicit, nothing is differentiated through these steps).
 
     With ``backtrack = J > 0`` step ``s`` takes the longest of ``lr_s, lr_s / 2, ..., lr_s / 2^J``
-    that does not increase ``F`` (the shortest if none does): all ``J + 1`` candidates are
-    evaluated and one is selected by a mask, so it runs under ``vmap``.
+    that does not increase ``F``, and no step if none does (so ``F`` never rises): all ``J + 1``
+    candidates are evaluated and one is selected by a mask, so it runs under ``vmap``.
     """
     theta = {k: v.detach() for k, v in theta.items()}
     phi, path = theta, []
@@ -146,7 +146,9 @@ def _backtracked_size(
     halvings: int,
 ) -> torch.Tensor:
     """The longest step size of ``lr * 2^-j``, ``j = 0..halvings``, along ``-direction`` that does not
-    increase the proximal objective at ``phi`` (``lr * 2^-halvings`` if none): a 0-dim tensor."""
+    increase the proximal objective at ``phi``, 0 if none: a 0-dim tensor. (Taking the shortest
+    step when none was fine let one sinusoid task's F climb 0.34 -> 2.6 -> 22 -> ... -> inf over
+    its 10 steps at iteration 10,380 of a 2026-12-01 run.)"""
 
     def objective(p: Params) -> torch.Tensor:
         return proximal_objective(support_loss, p, theta, lam, step=step)
@@ -156,9 +158,8 @@ def _backtracked_size(
     start = objective(phi)
     values = torch.stack([objective({k: phi[k] - sizes[j] * direction[k] for k in phi}) for j in range(halvings + 1)])
     fine = values <= start  # NaN compares False
-    fine[-1] = True  # the shortest step when none is fine
-    first = fine.int().argmax()  # the first True
-    return (sizes * (torch.arange(halvings + 1, device=ref.device) == first)).sum()
+    first = fine & (fine.int().cumsum(0) == 1)  # the first True; none when no size is fine
+    return (sizes * first).sum()
 
 
 def proximal_objective(

@@ -185,7 +185,8 @@ def test_inner_solver_steps_and_reduces_the_proximal_objective():
 BACKTRACK_CASES = [
     (50.0, 0.01),  # 0.25 + 0.05 <= 1: lr itself
     (300.0, 0.005),  # lr: 4 + 0.3 > 1; lr/2: 0.25 + 0.075 <= 1
-    (1000.0, 0.0025),  # lr: 81 + 1; lr/2: 16 + 0.25; lr/4: 2.25 + 0.0625, all > 1: the shortest, lr/4
+    (700.0, 0.0025),  # lr: 36 + 0.7; lr/2: 6.25 + 0.175; lr/4: 0.5625 + 0.04375 <= 1: lr/4
+    (1000.0, 0.0),  # lr: 81 + 1; lr/2: 16 + 0.25; lr/4: 2.25 + 0.0625, all > 1: no step
 ]
 
 

@@ -221,7 +221,7 @@ class IMAMLConfig(ConfigModel):
         0,
         ge=0,
         doc="imaml: each inner step takes the longest of lr, lr/2, ..., lr/2^backtrack that does not increase "
-        "the proximal objective (0: plain steps, as the paper).",
+        "the proximal objective, or no step if none is (0: plain steps, as the paper).",
     )
 
 
