@@ -18,9 +18,9 @@ IDLE_PER_CLASS = 8
 _MALLOC_SET = False
 
 
-def take(key: tuple[Any, str | None, str | None]) -> Any | None:
-    """An idle Meta-World env of ``key`` = (env class, render_mode, camera_name), or None."""
-    idle = IDLE.get(key)
+def take(env_cls: type, render_mode: str | None, camera_name: str | None) -> Any | None:
+    """An idle Meta-World env of class ``env_cls`` built with these render settings, or None."""
+    idle = IDLE.get((env_cls, render_mode, camera_name))
     return idle.pop() if idle else None
 
 

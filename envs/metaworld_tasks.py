@@ -236,7 +236,7 @@ class MetaWorldEnv(MetaEnv, gym.Env):
         metaworld_pool.return_freed_models_to_the_os()
 
         def make_env(env_cls):
-            env = metaworld_pool.take((env_cls, render_mode, camera_name))
+            env = metaworld_pool.take(env_cls, render_mode, camera_name)
             if env is not None:
                 return env
             env = env_cls(render_mode=render_mode, camera_name=camera_name)
