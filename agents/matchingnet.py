@@ -1,8 +1,14 @@
 """Matching Networks (Vinyals et al., 2016): a query's label is an attention-weighted vote of the support labels.
 
-    a(q, x_i)  = softmax_i( cos(f(q), g(x_i)) )                (attention over the support set S)
+    a(q, x_i)  = softmax_i( s cos(f(q), g(x_i)) )              (attention over the support set S)
     p(n | q)   = sum_i a(q, x_i) [y_i = n]                     (the attended one-hot labels)
     theta     <- Adam(theta, grad mean_tasks -log p(y_q | q))
+
+``s`` is ``scale``: 1 in the paper. Cosines lie in [-1, 1] (in [0, 1] between the backbone's
+post-ReLU features), so with ``s = 1`` a 5-way 1-shot query can put at most e / (e + 4) = 0.40 on
+its class and the loss never falls below 0.9: on the minimal Omniglot splits (2026-12-01) such a
+run's validation accuracy peaked at 81% after 500 iterations and fell to 64% by 7500, while
+``s = 10`` gave 94% after 500 and 95% after 1000 (the same seed and data).
 
 Without full-context embeddings (the paper's Omniglot setting) ``f = g = f'``, the conv-4
 backbone of MAML's Omniglot model without its head (the same network as every other method of
@@ -40,15 +46,17 @@ from metarl.core.learner import register
 from metarl.fewshot.metric import MetricLearner, embed, one_hot
 
 
-def matching_attention(query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+def matching_attention(query: torch.Tensor, support: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Attention ``[Q, S]`` of query embeddings ``[Q, D]`` over support embeddings ``[S, D]``:
-    the softmax over the support set of their cosine similarities (each row sums to one)."""
-    return torch.softmax(F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T, dim=-1)
+    the softmax over the support set of ``scale`` times their cosine similarities (each row sums to one)."""
+    return torch.softmax(scale * (F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T), dim=-1)
 
 
-def matching_probs(query: torch.Tensor, support: torch.Tensor, support_y: torch.Tensor, n_way: int) -> torch.Tensor:
+def matching_probs(
+    query: torch.Tensor, support: torch.Tensor, support_y: torch.Tensor, n_way: int, scale: float = 1.0
+) -> torch.Tensor:
     """Class probabilities ``[Q, n_way]``: the attention-weighted sum of the support one-hot labels."""
-    return matching_attention(query, support) @ one_hot(support_y, n_way, query.dtype)
+    return matching_attention(query, support, scale) @ one_hot(support_y, n_way, query.dtype)
 
 
 class FullContextEmbedding(nn.Module):
@@ -88,11 +96,16 @@ class FullContextEmbedding(nn.Module):
 class MatchingNet(MetricLearner):
     """Matching Networks: cosine attention over the support set, optionally with full-context embeddings."""
 
-    def __init__(self, model: nn.Module, *, fce: bool = False, fce_steps: int = 5, **kwargs: Any) -> None:
+    def __init__(
+        self, model: nn.Module, *, fce: bool = False, fce_steps: int = 5, scale: float = 1.0, **kwargs: Any
+    ) -> None:
         if fce_steps < 1:
             raise ValueError(f"fce_steps must be at least 1, got {fce_steps}")
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
         context = FullContextEmbedding(model.head.in_features, fce_steps) if fce else None
         super().__init__(model, modules=context, **kwargs)
+        self.scale = float(scale)
         self.fce = self.modules if fce else None  # on the model's device
 
     def task_logits(
@@ -104,7 +117,7 @@ class MatchingNet(MetricLearner):
         if self.fce is not None:
             support = self.fce.support(support)
             query = self.fce.query(query, support)
-        probs = matching_probs(query, support, support_y, self.n_way)
+        probs = matching_probs(query, support, support_y, self.n_way, self.scale)
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
@@ -115,6 +128,7 @@ def build(cfg: Any, model: nn.Module, objective: Any) -> MatchingNet:
         n_way=cfg.omniglot.n_way,
         fce=cfg.matchingnet.fce,
         fce_steps=cfg.matchingnet.fce_steps,
+        scale=cfg.matchingnet.scale,
         outer_lr=cfg.outer.lr,
         batched=cfg.batched,
     )

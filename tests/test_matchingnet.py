@@ -55,6 +55,32 @@ def test_probabilities_by_hand_without_fce():
     torch.testing.assert_close(matching_probs(query, support[perm], support_y[perm], 2), expected)
 
 
+def test_scale_multiplies_the_cosines_before_the_softmax():
+    # the support and query of the hand test above; scale 3: a = softmax(3 cos)
+    support = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
+    support_y = torch.tensor([0, 0, 1, 1])
+    query = torch.tensor([[2.0, 0.0]])
+    s, e = 2**-0.5, math.exp
+    weights = [e(3), e(3 * s), e(0), e(-3)]
+    z = sum(weights)
+    torch.testing.assert_close(matching_attention(query, support, 3.0), torch.tensor([weights]) / z)
+    expected = torch.tensor([[(weights[0] + weights[1]) / z, (weights[2] + weights[3]) / z]])
+    torch.testing.assert_close(matching_probs(query, support, support_y, 2, 3.0), expected)
+    # the learner applies its scale to the backbone's embeddings
+    torch.manual_seed(0)
+    model = ConvNet(n_way=3, filters=8)
+    learner = MatchingNet(model, n_way=3, scale=10.0)
+    task = _task()
+    with torch.no_grad():
+        emb = model.features(torch.cat([task.support_x, task.query_x])).flatten(1)
+        cos = torch.nn.functional.normalize(emb[6:], dim=-1) @ torch.nn.functional.normalize(emb[:6], dim=-1).T
+        by_hand = (torch.softmax(10.0 * cos, -1) @ torch.nn.functional.one_hot(task.support_y, 3).float()).log()
+    logits = learner.task_logits(learner.theta(), task.support_x, task.support_y, task.query_x)
+    torch.testing.assert_close(logits.detach(), by_hand, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        MatchingNet(ConvNet(n_way=3, filters=8), n_way=3, scale=0.0)
+
+
 def _reference_fce(fce: FullContextEmbedding, g: torch.Tensor, f: torch.Tensor, steps: int) -> torch.Tensor:
     """The paper's equations with PyTorch's own fused LSTM kernels (nn.LSTM, nn.LSTMCell) holding the same weights."""
     d = g.shape[-1]

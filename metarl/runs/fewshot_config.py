@@ -104,6 +104,12 @@ class MatchingNetConfig(ConfigModel):
         "LSTM for the queries; the paper uses them on miniImageNet, not on Omniglot).",
     )
     fce_steps: int = option(5, ge=1, doc="matchingnet: attention reads K of the query's full-context embedding.")
+    scale: float = option(
+        1.0,
+        gt=0,
+        doc="matchingnet: the attention is the softmax of scale x cosine similarity (1: the paper; the Omniglot "
+        "configs use 10, see agents/matchingnet.py).",
+    )
 
 
 class RelationNetConfig(ConfigModel):
