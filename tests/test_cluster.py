@@ -63,7 +63,7 @@ def test_workers_on_two_nodes_sample_the_in_process_episodes(cluster):
         sampler.close()
 
 
-def test_losing_the_node_of_a_worker_mid_call_completes_the_call(cluster, monkeypatch):
+def test_losing_the_node_of_a_worker_mid_call_completes_the_call(cluster, on_first_ray_wait):
     """The node that runs worker 0 is removed (its raylet and processes killed) while the call runs; the
     worker is replaced on the node that was free and the call returns every episode, equal to in-process.
 
@@ -80,18 +80,13 @@ def test_losing_the_node_of_a_worker_mid_call_completes_the_call(cluster, monkey
     try:
         victim_id = sampler.worker_nodes()[0]
         victim = next(node for node in cluster.list_all_nodes() if node.node_id == victim_id)
-        removed: list[int] = []
-        wait = ray.wait
 
-        def remove_victim_then_wait(*args, **kwargs):
-            if not removed:
-                cluster.remove_node(victim, allow_graceful=False)
-                removed.append(len(events))  # no worker replaced yet when the node went
-            return wait(*args, **kwargs)
+        def remove_victim():
+            cluster.remove_node(victim, allow_graceful=False)
+            return len(events)  # no worker replaced yet when the node went
 
-        monkeypatch.setattr(ray, "wait", remove_victim_then_wait)
+        removed = on_first_ray_wait(remove_victim)
         episodes = sampler.sample(policy.params(), tasks, seeds)
-        monkeypatch.undo()
         assert removed == [0]
         assert episodes.num_tasks == n and episodes.num_steps() == n * 4 * horizon
         assert _same(episodes, local.sample(policy, policy.params(), tasks, seeds))

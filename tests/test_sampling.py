@@ -253,8 +253,9 @@ def test_ray_trials_of_a_recurrent_policy_equal_the_in_process_trials(ray_local)
         sampler.close()
 
 
-def _killed_worker_run(mid_call: bool):
-    """Sample 8 tasks with 2 workers, SIGKILLing worker 0 before the call or during it."""
+def _killed_worker_run(on_first_ray_wait=None):
+    """Sample 8 tasks with 2 workers, SIGKILLing worker 0 before the call, or during it when given
+    the ``on_first_ray_wait`` fixture."""
     import ray
 
     from metarl.rl.sampling import RaySampler
@@ -270,7 +271,7 @@ def _killed_worker_run(mid_call: bool):
     )
     try:
         victim = sampler.worker_pids()[0]
-        if not mid_call:
+        if on_first_ray_wait is None:
             os.kill(victim, signal.SIGKILL)
             deadline = time.monotonic() + 30
             while True:  # until Ray has seen the actor die
@@ -282,20 +283,13 @@ def _killed_worker_run(mid_call: bool):
                 time.sleep(0.1)
             episodes = sampler.sample(policy.params(), tasks, seeds)
         else:  # killed the moment the call first waits (every share submitted, none collected): no race
-            killed: list[int] = []
-            wait = ray.wait
 
-            def kill_victim_then_wait(*args, **kwargs):
-                if not killed:
-                    os.kill(victim, signal.SIGKILL)
-                    killed.append(len(events))  # no worker replaced yet when the kill landed
-                return wait(*args, **kwargs)
+            def kill_victim():
+                os.kill(victim, signal.SIGKILL)
+                return len(events)  # no worker replaced yet when the kill landed
 
-            ray.wait = kill_victim_then_wait
-            try:
-                episodes = sampler.sample(policy.params(), tasks, seeds)
-            finally:
-                ray.wait = wait
+            killed = on_first_ray_wait(kill_victim)
+            episodes = sampler.sample(policy.params(), tasks, seeds)
             assert killed == [0]
         assert episodes.num_tasks == n and episodes.num_steps() == n * 8 * horizon
         assert equal(episodes, local.sample(policy, policy.params(), tasks, seeds))
@@ -306,12 +300,12 @@ def _killed_worker_run(mid_call: bool):
         sampler.close()
 
 
-def test_ray_sampler_replaces_a_worker_killed_mid_call(ray_local):
-    _killed_worker_run(mid_call=True)
+def test_ray_sampler_replaces_a_worker_killed_mid_call(ray_local, on_first_ray_wait):
+    _killed_worker_run(on_first_ray_wait)
 
 
 def test_ray_sampler_replaces_a_worker_that_died_before_the_call(ray_local):
-    _killed_worker_run(mid_call=False)
+    _killed_worker_run()
 
 
 def test_meta_world_episodes_carry_success_flags():
