@@ -17,6 +17,7 @@ import pytest
 from metarl.app.sweep import parse_grid, parse_seeds, plan_trials, trial_resources
 from metarl.core.config import ConfigError
 from metarl.runs.load import load_experiment_config
+from metarl.runs.rundir import CHECKPOINT, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NAV = ROOT / "experiments/navigation2d/maml_trpo.yaml"
@@ -95,6 +96,13 @@ def _count(run_dir: Path) -> int:
     return len(_rows(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
 
 
+def _checkpointed(run_dir: Path) -> int:
+    """Iterations the run's checkpoint holds (a run is finished only once its last one is checkpointed:
+    its last row is written just before)."""
+    path = run_dir / CHECKPOINT
+    return int(load_checkpoint(path)["iteration"]) if path.exists() else 0
+
+
 def _learning(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
 
@@ -158,8 +166,13 @@ def test_sweep_survives_a_killed_trial_and_a_killed_driver(tmp_path):
         def counts() -> list[int]:
             return [_count(d) for d in trials.values()]
 
+        def checkpointed() -> list[int]:
+            return [_checkpointed(d) for d in trials.values()]
+
         _wait(
-            lambda: restarted in driver_log.read_text() and 30 in counts() and any(1 <= n <= 20 for n in counts()),
+            lambda: (
+                restarted in driver_log.read_text() and 30 in checkpointed() and any(1 <= n <= 20 for n in counts())
+            ),
             "a finished trial and one mid-run",
             driver=driver,
             log=driver_log,
@@ -179,7 +192,7 @@ def test_sweep_survives_a_killed_trial_and_a_killed_driver(tmp_path):
         log.close()
     for run_dir in trials.values():  # every process of the sweep is gone (a run's lock is freed by its end)
         _wait(lambda run_dir=run_dir: _lock_is_free(run_dir), f"{run_dir.name}'s processes to end", 60)
-    finished = {n: (d / "metrics.jsonl").read_bytes() for n, d in trials.items() if _count(d) == 30}
+    finished = {n: (d / "metrics.jsonl").read_bytes() for n, d in trials.items() if _checkpointed(d) == 30}
     assert finished
     assert len(finished) < 4, f"every trial had finished after the driver was killed ({at_kill})"
     stamps = {n: (trials[n] / "metrics.jsonl").stat().st_mtime_ns for n in finished}
