@@ -42,8 +42,8 @@ METHODS += ["metasgd", "metalstm", "mamlpp", "anil", "imaml", "r2d2"]
 #: Table 2; ProtoNets Table 1; Matching Networks Table 1 (cosine, no fine-tuning); Relation Networks
 #: Table 1; the convolutional Siamese net as Vinyals et al. 2016 report it (Table 1); Meta-SGD Table 2;
 #: MAML++ (Antoniou et al. 2019; its 5w5s figure is quoted two ways, so left out); ANIL Table 2 (20-way
-#: only). None: not reported (the Meta-Learner LSTM reports miniImageNet only) or not checked here
-#: (iMAML, R2-D2).
+#: only); iMAML Table 2 ("iMAML, GD", the variant built here). None: not reported (the Meta-Learner
+#: LSTM reports miniImageNet only) or not checked here (R2-D2).
 PUBLISHED = {
     "maml": (98.7, 99.9, 95.8, 98.9),
     "fomaml": (98.3, 99.2, 89.4, 97.9),
@@ -55,6 +55,7 @@ PUBLISHED = {
     "metasgd": (99.53, 99.93, 95.93, 98.97),
     "mamlpp": (99.47, None, 97.65, 99.33),
     "anil": (None, None, 96.2, 98.0),
+    "imaml": (99.16, 99.67, 94.46, 98.69),
 }
 
 
