@@ -4,10 +4,16 @@ The inner problem of task i is regularised toward the meta-parameters,
 
     phi_i*(theta) = argmin_phi  L_support(phi) + (lambda / 2) ||phi - theta||^2
 
-and solved approximately by ``inner.steps`` gradient steps from ``phi = theta`` (the paper's
-"iMAML, GD" variant; its Hessian-free inner solver is not implemented):
+and solved approximately from ``phi = theta`` by ``inner.steps`` steps of one of the paper's two
+inner solvers (``imaml.inner_solver``). "iMAML, GD" (``gd``) takes gradient steps,
 
     phi <- phi - lr * (grad L_support(phi) + lambda (phi - theta))
+
+and "iMAML, Hessian-free" (``hessian_free``) takes Newton steps: each solves
+``(H + lambda I) d = grad F(phi)`` (``F`` the proximal objective, ``H`` the support Hessian at
+``phi``) by ``imaml.cg_steps`` iterations of truncated conjugate gradient on Hessian-vector
+products, then line-searches ``phi - d, phi - d / 2, ...`` (``imaml.backtrack`` halvings) for the
+longest step that does not raise ``F``.
 
 At the solution, ``grad L_support(phi*) + lambda (phi* - theta) = 0``; implicit differentiation
 of that stationarity condition gives ``d phi* / d theta = (I + H / lambda)^-1`` with ``H`` the
@@ -134,6 +140,48 @@ def proximal_steps(
     return path
 
 
+def newton_steps(
+    support_loss: Callable[[Params, int], torch.Tensor],
+    theta: Params,
+    *,
+    steps: int,
+    lam: float,
+    cg_steps: int,
+    halvings: int,
+) -> list[Params]:
+    """The iterates ``[phi_1, ..., phi_S]`` of the paper's Hessian-free inner solver on ``F(phi) =
+    L_support(phi) + (lam / 2) ||phi - theta||^2`` from ``phi_0 = theta`` (detached, as
+    :func:`proximal_steps`'s).
+
+    Step ``s``: ``d ~= (H + lam I)^-1 grad F(phi)`` by ``cg_steps`` iterations of truncated CG
+    (:func:`conjugate_gradient`; ``H`` the Hessian of the support loss at ``phi``, by
+    Hessian-vector products; stopped at negative curvature, so ``d`` is a descent direction, ``d =
+    grad F`` if the first CG direction already has it), then the longest of ``d, d / 2, ..., d /
+    2^halvings`` that does not increase ``F``, no step if none does (``halvings = 0``: the full
+    step ``d`` always). On a quadratic support loss with ``cg_steps`` at least the number of
+    parameters, one step lands on the proximal solution.
+    """
+    theta = {k: v.detach() for k, v in theta.items()}
+    phi, path = theta, []
+    for step in range(steps):
+
+        def objective(p: Params, step: int = step) -> torch.Tensor:
+            return proximal_objective(support_loss, p, theta, lam, step=step)
+
+        g, hvp = vjp(grad(objective), phi)
+
+        def matvec(v: Params, hvp=hvp) -> Params:
+            return hvp(v)[0]
+
+        direction, _, _ = conjugate_gradient(matvec, g, cg_steps, truncate=True)
+        size: float | torch.Tensor = 1.0
+        if halvings:
+            size = _backtracked_size(support_loss, step, phi, theta, direction, lr=1.0, lam=lam, halvings=halvings)
+        phi = {k: (phi[k] - size * direction[k]).detach() for k in phi}
+        path.append(phi)
+    return path
+
+
 def _backtracked_size(
     support_loss: Callable[[Params, int], torch.Tensor],
     step: int,
@@ -210,7 +258,11 @@ class IMAML(Learner):
             plain CG).
         eval_lam: ``lambda`` of the proximal steps at evaluation and prediction (None: ``lam``).
         backtrack: halvings of each inner step size tried so that the proximal objective does not
-            increase (0: plain steps, as the paper; see :func:`proximal_steps`).
+            increase (0: plain steps, as the paper; see :func:`proximal_steps`); with the
+            Hessian-free solver, of its Newton step (see :func:`newton_steps`).
+        inner_solver: ``"gd"`` (gradient steps of ``inner_lrs``, "iMAML, GD") or ``"hessian_free"``
+            (``len(inner_lrs)`` Newton-CG steps of ``cg_steps`` CG iterations each, whose sizes
+            are 1 and its halvings: the learning rates themselves are unused; "iMAML, HF").
         outer_lr: Adam learning rate.
         batched: map over tasks with ``torch.func.vmap`` (else a per-task loop).
     """
@@ -229,6 +281,7 @@ class IMAML(Learner):
         cg_truncate: bool = False,
         eval_lam: float | None = None,
         backtrack: int = 0,
+        inner_solver: str = "gd",
         outer_lr: float = 1e-3,
         batched: bool = True,
     ) -> None:
@@ -236,6 +289,8 @@ class IMAML(Learner):
             raise ValueError(f"imaml lam must be > 0 (the proximal term's strength), got {lam}")
         if cg_steps < 1:
             raise ValueError(f"imaml cg_steps must be >= 1, got {cg_steps}")
+        if inner_solver not in ("gd", "hessian_free"):
+            raise ValueError(f"imaml inner_solver must be 'gd' or 'hessian_free', got {inner_solver!r}")
         self.model = model
         self.objective = objective
         self.inner_lrs = list(inner_lrs)
@@ -245,12 +300,22 @@ class IMAML(Learner):
         self.cg_truncate = bool(cg_truncate)
         self.eval_lam = self.lam if eval_lam is None else float(eval_lam)
         self.backtrack = backtrack
+        self.inner_solver = inner_solver
         self.batched = batched
         self.optimizer = torch.optim.Adam(model.parameters(), lr=outer_lr)
 
     # -- one task -----------------------------------------------------------------------------
     def solve_inner(self, theta: Params, task: Any, lrs: Sequence[float], lam: float) -> list[Params]:
-        """The inner iterates of one task (see :func:`proximal_steps`)."""
+        """The inner iterates of one task (see :func:`proximal_steps` and :func:`newton_steps`)."""
+        if self.inner_solver == "hessian_free":
+            return newton_steps(
+                lambda p, s: self.objective.support_loss(p, task, s),
+                theta,
+                steps=len(lrs),
+                lam=lam,
+                cg_steps=self.cg_steps,
+                halvings=self.backtrack,
+            )
         return proximal_steps(
             lambda p, s: self.objective.support_loss(p, task, s), theta, lrs=lrs, lam=lam, backtrack=self.backtrack
         )
@@ -330,6 +395,7 @@ def build(cfg: Any, model: nn.Module, objective: Any) -> IMAML:
         cg_truncate=c.cg_truncate,
         eval_lam=c.eval_lam,
         backtrack=c.backtrack,
+        inner_solver=c.inner_solver,
         outer_lr=cfg.outer.lr,
         batched=cfg.batched,
     )

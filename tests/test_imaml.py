@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.imaml import IMAML, conjugate_gradient, implicit_gradient, proximal_objective, proximal_steps
+from agents.imaml import (
+    IMAML,
+    conjugate_gradient,
+    implicit_gradient,
+    newton_steps,
+    proximal_objective,
+    proximal_steps,
+)
 from metarl.core.functional import params_of
 from metarl.fewshot.batch import FewShotBatch
 from metarl.fewshot.objective import FewShotObjective
@@ -216,6 +223,55 @@ def test_backtracking_chooses_per_task_under_vmap():
     torch.testing.assert_close(torch.func.vmap(one)(curvatures), expected, rtol=1e-12, atol=0)
 
 
+# -- the Hessian-free ("iMAML, HF") inner solver -------------------------------------------------
+# L(w) = 1/2 w^T A w - b^T w with A indefinite (eigenvalues -1, 2, 5) and lam 3, so H + lam I is
+# positive definite (2, 5, 8): the proximal solution is (A + lam I)^-1 (b + lam theta).
+QUAD_A = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 2.0], [0.0, 2.0, 1.0]], dtype=torch.float64)
+QUAD_B = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+
+def quadratic(p, _step):
+    w = p["w"]
+    return 0.5 * w @ QUAD_A @ w - QUAD_B @ w
+
+
+@pytest.mark.parametrize("halvings", [0, 3])
+def test_hessian_free_step_lands_on_the_proximal_solution_of_a_quadratic(halvings):
+    theta = torch.tensor([0.4, -0.7, 1.1], dtype=torch.float64)
+    lam = 3.0
+    assert torch.linalg.eigvalsh(QUAD_A).min() < 0 < torch.linalg.eigvalsh(QUAD_A + lam * torch.eye(3)).min()
+    solution = torch.linalg.solve(QUAD_A + lam * torch.eye(3, dtype=torch.float64), QUAD_B + lam * theta)
+    path = newton_steps(quadratic, {"w": theta}, steps=2, lam=lam, cg_steps=3, halvings=halvings)
+    torch.testing.assert_close(path[0]["w"], solution, rtol=1e-10, atol=1e-12)  # one step: CG exact in 3 dims
+    torch.testing.assert_close(path[1]["w"], solution, rtol=1e-10, atol=1e-12)  # and it stays there
+    # one CG step is not the Newton step: it lands elsewhere
+    short = newton_steps(quadratic, {"w": theta}, steps=1, lam=lam, cg_steps=1, halvings=0)
+    assert (short[0]["w"] - solution).abs().max() > 1e-2
+
+
+def test_hessian_free_line_search_never_raises_the_objective_and_converges_on_a_tanh_net():
+    torch.manual_seed(2)
+    model = TinyTanh().double()
+    task = regression_task(4, k=10)
+    theta = {k: v.detach() for k, v in params_of(model).items()}
+    lam = 0.5  # weak: the support loss's own curvature matters
+
+    def support(p, _step):
+        return mse(model, p, task.support_x, task.support_y)
+
+    path = newton_steps(support, theta, steps=8, lam=lam, cg_steps=13, halvings=8)  # 13 parameters
+    values = [float(proximal_objective(support, p, theta, lam)) for p in [theta, *path]]
+    assert all(b <= a for a, b in zip(values, values[1:]))
+    phi = {k: v.clone().requires_grad_() for k, v in path[-1].items()}
+    g = torch.autograd.grad(proximal_objective(support, phi, theta, lam), list(phi.values()))
+    assert torch.cat([x.reshape(-1) for x in g]).norm() < 1e-8  # Newton's fast local convergence
+    # eight gradient steps of a stable size are far from it
+    gd = proximal_steps(support, theta, lrs=[0.1] * 8, lam=lam)
+    phi = {k: v.clone().requires_grad_() for k, v in gd[-1].items()}
+    g = torch.autograd.grad(proximal_objective(support, phi, theta, lam), list(phi.values()))
+    assert torch.cat([x.reshape(-1) for x in g]).norm() > 1e-3
+
+
 # -- the implicit meta-gradient against finite differences ---------------------------------------
 def test_meta_gradient_of_a_linear_model_is_the_closed_form_proximal_solutions_gradient():
     """Linear regression: phi*(theta) = (2/M A^T A + lam I)^-1 (2/M A^T y + lam theta), A = [X, 1]."""
@@ -250,12 +306,16 @@ def test_meta_gradient_of_a_linear_model_is_the_closed_form_proximal_solutions_g
     assert float(post["loss_post_adapt"]) < float(post["loss_pre_adapt"])
 
 
-def test_meta_gradient_of_a_tanh_net_matches_finite_differences_of_the_proximal_solution():
+@pytest.mark.parametrize("solver", ["gd", "hessian_free"])
+def test_meta_gradient_of_a_tanh_net_matches_finite_differences_of_the_proximal_solution(solver):
     torch.manual_seed(1)
     model = TinyTanh().double()
     task = regression_task(5, k=8, q=6)
     lam, lr, steps = 4.0, 0.2, 50  # contracts the error by about 1 - lr * lam = 0.2 a step
-    learner = IMAML(model, FewShotObjective(model, kind="regression"), inner_lrs=[lr] * steps, lam=lam, cg_steps=40)
+    objective = FewShotObjective(model, kind="regression")
+    inner = [lr] * steps if solver == "gd" else [lr] * 6  # Newton: 6 steps of 40 CG iterations
+    backtrack = 0 if solver == "gd" else 4
+    learner = IMAML(model, objective, inner_lrs=inner, lam=lam, cg_steps=40, inner_solver=solver, backtrack=backtrack)
     theta = learner.theta()
 
     def solve(t_vec):  # the test's own proximal gradient descent on flat parameters

@@ -227,7 +227,14 @@ class IMAMLConfig(ConfigModel):
         0,
         ge=0,
         doc="imaml: each inner step takes the longest of lr, lr/2, ..., lr/2^backtrack that does not increase "
-        "the proximal objective, or no step if none is (0: plain steps, as the paper).",
+        "the proximal objective, or no step if none is (0: plain steps, as the paper); hessian_free: of 1, 1/2, ... "
+        "times its Newton step (0: the full step).",
+    )
+    inner_solver: Literal["gd", "hessian_free"] = option(
+        "gd",
+        doc="imaml: the inner solver: gd, inner.steps gradient steps of inner.lr ('iMAML, GD'); hessian_free, "
+        "inner.steps Newton steps, each by cg_steps of truncated CG on (H + lam I) and a line search of "
+        "backtrack halvings ('iMAML, HF'; inner.lr unused).",
     )
 
 
