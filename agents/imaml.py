@@ -168,12 +168,8 @@ def newton_steps(
         def objective(p: Params, step: int = step) -> torch.Tensor:
             return proximal_objective(support_loss, p, theta, lam, step=step)
 
-        g, hvp = vjp(grad(objective), phi)
-
-        def matvec(v: Params, hvp=hvp) -> Params:
-            return hvp(v)[0]
-
-        direction, _, _ = conjugate_gradient(matvec, g, cg_steps, truncate=True)
+        g, hvp = vjp(grad(objective), phi)  # hvp(v) = ((H + lam I) v,): F's Hessian is symmetric
+        direction, _, _ = conjugate_gradient(lambda v, hvp=hvp: hvp(v)[0], g, cg_steps, truncate=True)
         size: float | torch.Tensor = 1.0
         if halvings:
             size = _backtracked_size(support_loss, step, phi, theta, direction, lr=1.0, lam=lam, halvings=halvings)
