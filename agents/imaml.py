@@ -303,18 +303,14 @@ class IMAML(Learner):
     # -- one task -----------------------------------------------------------------------------
     def solve_inner(self, theta: Params, task: Any, lrs: Sequence[float], lam: float) -> list[Params]:
         """The inner iterates of one task (see :func:`proximal_steps` and :func:`newton_steps`)."""
+
+        def support(p: Params, step: int) -> torch.Tensor:
+            return self.objective.support_loss(p, task, step)
+
         if self.inner_solver == "hessian_free":
-            return newton_steps(
-                lambda p, s: self.objective.support_loss(p, task, s),
-                theta,
-                steps=len(lrs),
-                lam=lam,
-                cg_steps=self.cg_steps,
-                halvings=self.backtrack,
-            )
-        return proximal_steps(
-            lambda p, s: self.objective.support_loss(p, task, s), theta, lrs=lrs, lam=lam, backtrack=self.backtrack
-        )
+            steps, halvings = len(lrs), self.backtrack
+            return newton_steps(support, theta, steps=steps, lam=lam, cg_steps=self.cg_steps, halvings=halvings)
+        return proximal_steps(support, theta, lrs=lrs, lam=lam, backtrack=self.backtrack)
 
     def task_meta_gradient(self, theta: Params, task: Any) -> tuple[Params, dict[str, torch.Tensor]]:
         """One task's implicit meta-gradient ``g`` (shaped like ``theta``) and its metrics:
