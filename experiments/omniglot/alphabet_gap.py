@@ -19,10 +19,9 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from metarl.runs.experiment import TEST, split_rng
+from metarl.runs.experiment import TEST, mean_and_ci95, split_rng
 from metarl.runs.load import load_experiment_config, restore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,8 +33,9 @@ def accuracy(run_dir: Path, within_alphabet: bool, num_tasks: int) -> tuple[floa
     """Mean and 95% CI of the query accuracy after the config's ``eval.steps``."""
     cfg = load_experiment_config(run_dir / "config.yaml", [f"omniglot.within_alphabet={str(within_alphabet).lower()}"])
     experiment, _ = restore(cfg, run_dir)
-    final = experiment.curves("test", num_tasks, split_rng(SEED, TEST), cfg.eval.steps)["accuracy"][:, -1]
-    return float(final.mean()), float(1.96 * final.std(ddof=1) / np.sqrt(len(final)))
+    curves = experiment.curves("test", num_tasks, split_rng(SEED, TEST), cfg.eval.steps)["accuracy"]
+    summary = mean_and_ci95(curves[:, -1:])
+    return summary["mean"][0], summary["ci95"][0]
 
 
 def main() -> None:
