@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from metarl.core.config import ConfigError
+from metarl.fewshot.omniglot import OmniglotDataNotFound
 from metarl.runs.experiment import TEST, mean_and_ci95, split_rng
 from metarl.runs.load import load_experiment_config, restore
+from metarl.runs.rundir import RunError
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results" / "omniglot_alphabet_gap.json"
@@ -66,4 +70,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, RunError, OmniglotDataNotFound) as exc:  # bad run directory or data: one line, status 2
+        print(f"alphabet_gap.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
